@@ -1,0 +1,113 @@
+"""Llama3 building blocks: Dense and Embed with logical axis names, RMSNorm, SwiGLU, RoPE.
+
+Parameters are created in float32 (``param_dtype``) and cast to the compute dtype at use, so
+the optimizer updates full-precision master weights. Every parameter names its logical axes;
+:mod:`lasp2_jax.mesh` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lasp2_jax.mesh import logical_to_spec
+
+
+def constrain(x, logical_axes, mesh):
+    """Pin an activation's sharding by logical axes (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+class Dense(nn.Module):
+    """y = x @ W: [..., d_in] -> [..., features]; W [d_in, features] named ``axes``."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes)
+        w = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],))
+            y = y + self.param("bias", binit, (self.features,), self.param_dtype).astype(y.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding [vocab, embed]; ``attend`` gives tied output logits."""
+
+    vocab_size: int
+    features: int
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+
+    def setup(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                            ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.vocab_size, self.features),
+                                    self.param_dtype)
+
+    def __call__(self, tokens):
+        """tokens [B, T] int -> [B, T, D]."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """x [..., D] -> logits [..., V] with the embedding as output matrix."""
+        return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis; statistics in float32."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: W_down(silu(W_gate x) * W_up x); [B, T, D] -> [B, T, D]."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+    mesh: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        gate = Dense(self.hidden, ("embed", "mlp"), name="gate", **kw)(x)
+        up = Dense(self.hidden, ("embed", "mlp"), name="up", **kw)(x)
+        h = constrain(nn.silu(gate) * up, ("batch", "sequence", "act_mlp"), self.mesh)
+        return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
+
+
+def rope(x, positions, theta: float):
+    """Rotary position embedding (rotate-half form) on x [B, T, H, D] at positions [B, T]."""
+    d = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
