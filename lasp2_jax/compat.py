@@ -1,0 +1,29 @@
+"""Differences between the jax versions this package supports (0.10.x on CPU, 0.11.x on GPU).
+
+Everything that depends on the installed jax version goes through here, so that a version bump
+touches one file.
+"""
+
+from __future__ import annotations
+
+import jax
+
+
+def pallas_interpret() -> bool:
+    """Pallas kernels lower through Triton on GPU; elsewhere they run in interpret mode."""
+    return jax.default_backend() != "gpu"
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+    """The Triton compiler parameters of a pallas_call, or None in interpret mode.
+
+    jax 0.10 and 0.11 both name the class ``CompilerParams`` in ``pallas.triton``; older jax
+    called it ``TritonCompilerParams`` and exported it from ``pallas`` itself.
+    """
+    if pallas_interpret():
+        return None
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    cls = getattr(plt, "CompilerParams", None) or pl.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)

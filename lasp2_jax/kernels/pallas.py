@@ -1,0 +1,296 @@
+"""Pallas backend: chunked linear attention as Triton kernels on GPU (interpret mode elsewhere).
+
+Same signatures and semantics as :mod:`lasp2_jax.kernels.xla`. Inside one device the sequence
+of each (batch, head) is split into segments that run as separate programs, which is LASP-2
+(DESIGN.md §1) applied across the programs of a device:
+
+1. ``segment_summary``: each segment's state from zero, M_s, and its total decay A_s;
+2. an exclusive scan over segments, ``(A1, M1) o (A2, M2) = (A1 A2, A2 M1 + M2)``, gives the
+   state entering each segment (from the initial state);
+3. ``forward_outputs``: each segment's outputs, chunk by chunk, from its incoming state.
+
+The backward mirrors it: summaries of the reverse recurrence, a reverse scan for the cotangent
+of the state leaving each segment, then the dq / dk / dv kernels. Few (batch * heads) still
+fill the GPU: B=1, H=16 gets 16 segments per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lasp2_jax.decay import is_per_dim
+from lasp2_jax.kernels import pallas_backward, pallas_forward
+from lasp2_jax.kernels.backends import Backend
+from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR
+
+_f32 = jnp.float32
+
+# exp(g) is exactly 0 in float32 below this: such a token is a state reset.
+RESET_LOG_DECAY = -104.0
+# The per-dimension form forms [C, C, slice] pairwise decays: a short chunk keeps them small.
+PER_DIM_CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    forward: pallas_forward.BlockSizes = pallas_forward.BlockSizes()
+    backward: pallas_backward.BlockSizes = pallas_backward.BlockSizes()
+
+
+DEFAULT_CONFIG = Config()
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_axis(x, axis: int, size: int):
+    if x is None or x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    mode: str
+    t: int
+    dk_in: int
+    dv_in: int
+    chunk: int
+    segments: int
+    t_pad: int
+    dk: int
+    dv: int
+    fwd: pallas_forward.BlockSizes
+    bwd: pallas_backward.BlockSizes
+
+
+def _plan(B: int, T: int, H: int, Dk: int, Dv: int, mode: str, chunk_size: int,
+          config: Config) -> _Plan:
+    fwd = config.forward
+    c = max(16, min(chunk_size, PER_DIM_CHUNK if mode == PER_DIM else chunk_size))
+    c = _pow2(c)
+    fwd = dataclasses.replace(fwd, chunk=c)
+    dk, dv = _pow2(Dk), _pow2(Dv)
+    n = _cdiv(T, c)
+    nv = dv // min(fwd.block_v, dv)
+    s = 1
+    while B * H * s * nv < fwd.min_programs and 2 * s <= n:
+        s *= 2
+    k = _cdiv(n, s)
+    return _Plan(mode, T, Dk, Dv, c, s, s * k * c, dk, dv, fwd, config.backward)
+
+
+def _decay_tables(g, plan: _Plan):
+    """Chunk-local (bf, cnt) of the module docstring of pallas_forward, and the segment totals.
+
+    g: [B, T, H] or [B, T, H, Dk] padded. Returns bf, cnt in g's layout and A [B, H, S, Dk, 1]
+    (the factor exp(sum of g over the segment), exactly 0 across a reset).
+    """
+    reset = g < RESET_LOG_DECAY
+    gf = jnp.where(reset, 0.0, g)
+    B, T = g.shape[:2]
+    c, S = plan.chunk, plan.segments
+    rest = g.shape[2:]
+    def chunked(x):
+        return x.reshape(B, T // c, c, *rest)
+    bf = jnp.cumsum(chunked(gf), axis=2).reshape(g.shape)
+    cnt = jnp.cumsum(chunked(reset.astype(_f32)), axis=2).reshape(g.shape)
+    def seg(x):
+        return x.reshape(B, S, T // S, *rest)
+    total = jnp.sum(seg(gf), axis=2)
+    any_reset = jnp.any(seg(reset), axis=2)
+    a = jnp.where(any_reset, 0.0, jnp.exp(total))  # [B, S, H(, Dk)]
+    if a.ndim == 3:
+        a = jnp.broadcast_to(a[..., None], (*a.shape, plan.dk))
+    return bf, cnt, jnp.moveaxis(a, 1, 2)[..., None]
+
+
+def _combine(earlier, later):
+    a1, m1 = earlier
+    a2, m2 = later
+    return a1 * a2, a2 * m1 + m2
+
+
+def _states_entering(a, m, s0):
+    """Exclusive scan over segments: the state entering each one.
+
+    a [B, H, S, Dk, 1] segment decays; m [B, H, S, Dk, Dv] summaries; s0 the initial state.
+    """
+    if m.shape[2] == 1:
+        return s0[:, :, None]
+    decays = jnp.concatenate([jnp.ones_like(a[:, :, :1]), a[:, :, :-1]], axis=2)
+    sums = jnp.concatenate([s0[:, :, None], m[:, :, :-1]], axis=2)
+    return jax.lax.associative_scan(_combine, (decays, sums), axis=2)[1]
+
+
+def _cotangents_leaving(a, dm, dst):
+    """Reverse exclusive scan: the cotangent of the state leaving each segment."""
+    if dm.shape[2] == 1:
+        return dst[:, :, None]
+    decays = jnp.concatenate([a[:, :, 1:], jnp.ones_like(a[:, :, :1])], axis=2)
+    sums = jnp.concatenate([dm[:, :, 1:], dst[:, :, None]], axis=2)
+    return jax.lax.associative_scan(_combine, (decays, sums), axis=2, reverse=True)[1]
+
+
+def _prepare(q, k, v, g, s0, plan: _Plan):
+    q, k = (_pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk) for x in (q, k))
+    v = _pad_axis(_pad_axis(v, 1, plan.t_pad), 3, plan.dv)
+    s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
+    if g is None:
+        return q, k, v, None, None, None, s0
+    g = _pad_axis(g, 1, plan.t_pad)
+    if g.ndim == 4:
+        g = _pad_axis(g, 3, plan.dk)
+    bf, cnt, a = _decay_tables(g, plan)
+    return q, k, v, bf, cnt, a, s0
+
+
+def _forward(q, k, v, g, s0, scale: float, plan: _Plan):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    q, k, v, bf, cnt, a, s0 = _prepare(q, k, v, g, s0, plan)
+    if plan.segments > 1:
+        m = pallas_forward.segment_summary(
+            k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
+            block_sizes=plan.fwd, reverse=False, side="k", scale=1.0)
+        a_ = a if a is not None else jnp.ones(m.shape[:4] + (1,), _f32)
+        s_in = _states_entering(a_, m, s0)
+    else:
+        s_in = s0[:, :, None]
+    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, s_in, mode=plan.mode,
+                                              scale=scale, block_sizes=plan.fwd,
+                                              out_dtype=q.dtype)
+    residuals = (q, k, v, bf, cnt, a, s_in, final)
+    return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunk_attention(q, k, v, g, s0, scale, plan):
+    o, final, _ = _forward(q, k, v, g, s0, scale, plan)
+    return o, final
+
+
+def _chunk_attention_fwd(q, k, v, g, s0, scale, plan):
+    o, final, res = _forward(q, k, v, g, s0, scale, plan)
+    return (o, final), res
+
+
+def _chunk_attention_bwd(scale, plan, res, cts):
+    q, k, v, bf, cnt, a, s_in, final = res
+    T, H, Dk, Dv = plan.t, q.shape[2], plan.dk_in, plan.dv_in
+    do, dst = cts
+    do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
+    dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
+    a_ = a if a is not None else jnp.ones(s_in.shape[:4] + (1,), _f32)
+    if plan.segments > 1:
+        dm = pallas_forward.segment_summary(
+            q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
+            block_sizes=plan.fwd, reverse=True, side="q", scale=scale)
+        dh_out = _cotangents_leaving(a_, dm, dst)
+    else:
+        dh_out = dst[:, :, None]
+    dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
+        q, k, v, do, bf, cnt, s_in, dh_out, mode=plan.mode, scale=scale, chunk=plan.chunk,
+        block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice)
+    dg = None
+    if plan.mode != NONE:
+        # dL/db_t = q_t dq_t - k_t dk_t, plus sum_e S_T dS_T at the last token; dg_t sums
+        # dL/db over s >= t (see pallas_backward's docstring).
+        final_term = jnp.sum(final * dst, axis=-1)  # [B, H, Dk]
+        if plan.mode == SCALAR:
+            db = jnp.sum(dbq - dbk, axis=-1)  # [B, T, H]
+            final_term = jnp.sum(final_term, axis=-1)[:, None, :]
+        else:
+            db = dbq - dbk
+            final_term = final_term[:, None]
+        dg = jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1) + final_term
+        dg = dg[:, :T] if plan.mode == SCALAR else dg[:, :T, :, :Dk]
+    return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
+
+
+_chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd)
+
+
+def _mode(log_decay) -> str:
+    if log_decay is None:
+        return NONE
+    return PER_DIM if is_per_dim(log_decay) else SCALAR
+
+
+def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size: int = 64,
+                           initial_state=None, config: Config = DEFAULT_CONFIG):
+    """Causal linear attention over one device's segment, as Pallas kernels.
+
+    Args:
+      q, k: [B, T, H, Dk] (kv heads already expanded to H); v: [B, T, H, Dv]; bf16 or f32.
+      log_decay: None | [B, T, H] | [B, T, H, Dk], float32, <= 0 (-inf or -1e30 resets).
+      scale: multiplies q.
+      chunk_size: C (rounded up to a power of two >= 16; at most 16 with a per-dimension decay).
+        T need not be a multiple; Dk and Dv need not be powers of two (padded inside).
+      initial_state: [B, H, Dk, Dv] float32 or None (zeros).
+      config: block sizes of the kernels.
+    Returns:
+      o [B, T, H, Dv] in q's dtype, and the final state [B, H, Dk, Dv] float32.
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    mode = _mode(log_decay)
+    plan = _plan(B, T, H, Dk, Dv, mode, chunk_size, config)
+    s0 = (jnp.zeros((B, H, Dk, Dv), _f32) if initial_state is None
+          else initial_state.astype(_f32))
+    g = None if log_decay is None else log_decay.astype(_f32)
+    k = k.astype(q.dtype)
+    v = v.astype(q.dtype)
+    return _chunk_attention(q, k, v, g, s0, float(scale), plan)
+
+
+def state_summary(k, v, log_decay=None, *, config: Config = DEFAULT_CONFIG):
+    """The LASP-2 summary of a segment: its final state from zero, and its total log decay.
+
+    Args:
+      k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk] (f32).
+    Returns:
+      M [B, H, Dk, Dv] float32 and the total log decay [B, H, Dk] (see xla.state_summary).
+    """
+    B, T, H, Dk = k.shape
+    # The summary is the final state of the attention from zero with q = 0; its backward is
+    # the dk / dv kernels with a zero output cotangent.
+    _, m = chunk_linear_attention(jnp.zeros_like(k), k, v, log_decay, scale=1.0,
+                                  config=config)
+    if log_decay is None:
+        total = jnp.zeros((B, H, Dk), _f32)
+    else:
+        total = jnp.sum(log_decay.astype(_f32), axis=1)
+        if not is_per_dim(log_decay):
+            total = jnp.broadcast_to(total[..., None], (B, H, Dk))
+    return m, total
+
+
+def full_linear_attention(q, k, v, *, scale: float, initial_state=None):
+    """Bidirectional linear attention: o_t = scale * q_t (S_0 + sum_s k_s^T v_s).
+
+    Two matmuls per head that XLA already runs at speed; shapes as in
+    :func:`chunk_linear_attention`. Returns o and the total state.
+    """
+    state = jnp.einsum("bthd,bthe->bhde", k.astype(_f32), v.astype(_f32))
+    if initial_state is not None:
+        state = state + initial_state.astype(_f32)
+    o = scale * jnp.einsum("bthd,bhde->bthe", q.astype(_f32), state)
+    return o.astype(q.dtype), state
+
+
+BACKEND = Backend("pallas", chunk_linear_attention, state_summary, full_linear_attention)

@@ -1,0 +1,257 @@
+"""Pallas backward kernels of chunked linear attention: dq, dk, dv (and the decay terms).
+
+Forward, per chunk with S the state entering it (DESIGN.md §1, notation of pallas_forward):
+    o   = scale * (A v + diag(exp(b)) q S),   A = (q k^T) * W,  W_ij = exp(b_i - b_j) [j <= i]
+    S' = diag(exp(b_C)) S + (diag(exp(b_C - b_j)) k)^T v
+With dO the output cotangent, dS' the cotangent of the state leaving the chunk and
+dP = scale * dO v^T:
+    dq = (dP * W) k + scale * diag(exp(b)) dO S^T                       (forward order: needs S)
+    dk = (dP * W)^T q + diag(exp(b_C - b_j)) v dS'^T                     (reverse order: needs dS')
+    dv = scale * A^T dO + diag(exp(b_C - b_j)) k dS'
+    dS = diag(exp(b_C)) dS' + scale * (diag(exp(b)) q)^T dO               (the reverse recurrence)
+The log-decay gradient uses the identity of the exponent's linearity in the prefix sums
+b_t = sum_{s<=t} g_s: dL/db_t = q_t * dq_t - k_t * dk_t (+ sum_e S_T dS_T at t = T), so
+dg_t = sum_{s>=t} dL/db_s; the kernels emit q*dq and k*dk, the caller sums them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lasp2_jax import compat
+from lasp2_jax.kernels.pallas_forward import (
+    NONE,
+    PER_DIM,
+    SCALAR,
+    causal_mask,
+    decay_operands,
+    intra_scores,
+    load_factors,
+    mm,
+    pair_weights,
+    pair_weights_dim,
+    with_decay_refs,
+)
+
+_f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the backward kernels (the chunk and segments come from the forward).
+
+    block_k: Dk columns per dq / dk program (per-dimension decay: at most 32, the pairwise
+      product is [C, C, block_k]).
+    block_v: Dv columns per dv program.
+    num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_k: int = 64
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _scaled(x, f):
+    return x if f is None else (x.astype(_f32) * f).astype(x.dtype)
+
+
+def _decay_block_operands(bf, cnt, L: int, H: int, bk: int):
+    """Like decay_operands, but per-dimension decays are cut into Dk blocks of bk."""
+    if bf is None or bf.ndim == 3:
+        return decay_operands(bf, cnt, L, H, bk)
+    spec = pl.BlockSpec((None, L, None, bk), lambda bh, s, j: (bh // H, s, bh % H, j))
+    return [bf, cnt], [spec, spec]
+
+
+def _weighted_dp(dp, bf_ref, cnt_ref, sl, mode: str, c: int):
+    """dP * W for the scalar and no-decay forms ([C, C])."""
+    if mode == SCALAR:
+        return dp * pair_weights(bf_ref[sl], cnt_ref[sl], c)
+    return jnp.where(causal_mask(c), dp, 0.0)
+
+
+def _db_store(db_ref, sl, x, dx, mode: str):
+    """Store x * dx for the decay gradient: summed over Dk for the scalar form."""
+    if mode == NONE:
+        return
+    prod = x.astype(_f32) * dx
+    db_ref[sl] = jnp.sum(prod, axis=1) if mode == SCALAR else prod
+
+
+# --------------------------------------------------------------------------------------------
+# dq: chunks in order, carrying the rows [block_k] of the state entering each chunk.
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_ref, *, c: int,
+               n_chunks: int, mode: str, scale: float):
+    def body(ci, state):
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        k, v, do = k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        dp = scale * mm(do, v, tb=True)
+        f = load_factors(bf_ref, cnt_ref, sl, mode)
+        fq, fk, fa = (None, None, 1.0) if f is None else f
+        inter = scale * mm(do, state.astype(do.dtype), tb=True)
+        if fq is not None:
+            inter = inter * fq
+        if mode == PER_DIM:
+            w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
+            intra = jnp.sum(dp[:, :, None] * k.astype(_f32)[None, :, :] * w, axis=1)
+        else:
+            intra = mm(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c).astype(k.dtype), k)
+        dq = intra + inter
+        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
+        if mode != NONE:
+            _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
+        return fa * state + mm(_scaled(k, fk), v, ta=True)
+
+    lax.fori_loop(0, n_chunks, body, s_ref[...])
+
+
+# --------------------------------------------------------------------------------------------
+# dk: chunks in reverse, carrying the rows [block_k] of the cotangent of the leaving state.
+
+
+def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_ref, *, c: int,
+               n_chunks: int, mode: str, scale: float):
+    def body(i, dh):
+        ci = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        q, k, v, do = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        dp = scale * mm(do, v, tb=True)
+        f = load_factors(bf_ref, cnt_ref, sl, mode)
+        fq, fk, fa = (None, None, 1.0) if f is None else f
+        inter = mm(v, dh.astype(v.dtype), tb=True)
+        if fk is not None:
+            inter = inter * fk
+        if mode == PER_DIM:
+            w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
+            intra = jnp.sum(dp[:, :, None] * q.astype(_f32)[:, None, :] * w, axis=0)
+        else:
+            intra = mm(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c).astype(q.dtype), q,
+                       ta=True)
+        dk = intra + inter
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        if mode != NONE:
+            _db_store(db_ref, sl, k, dk, mode)
+        return fa * dh + scale * mm(_scaled(q, fq), do, ta=True)
+
+    lax.fori_loop(0, n_chunks, body, dh_ref[...])
+
+
+# --------------------------------------------------------------------------------------------
+# dv: chunks in reverse, carrying the columns [block_v] of the cotangent of the leaving state.
+
+
+def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dh_ref, dv_ref, ds0_ref, *, c: int,
+               n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
+    def body(i, dh):
+        ci = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=c, dk=dk,
+                         dim_slice=dim_slice)
+        q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
+        f = load_factors(bf_ref, cnt_ref, sl, mode)
+        fq, fk, fa = (None, None, 1.0) if f is None else f
+        dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        return fa * dh + scale * mm(_scaled(q, fq), do, ta=True)
+
+    dh = lax.fori_loop(0, n_chunks, body, dh_ref[...])
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        ds0_ref[...] = dh  # the cotangent of the initial state
+
+
+def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chunk: int,
+             block_sizes: BlockSizes, dim_slice: int):
+    """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
+    ([B, T, H, NK] partial sums for a scalar decay, [B, T, H, Dk] per dimension, None without
+    decay) and the initial-state cotangent [B, H, Dk, Dv].
+
+    s_in [B, H, S, Dk, Dv]: the state entering each segment; dh_out [B, H, S, Dk, Dv]: the
+    cotangent of the state leaving each segment.
+    """
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    S = s_in.shape[2]
+    L = T // S
+    c = chunk
+    bk = min(block_sizes.block_k, dk)
+    if mode == PER_DIM:
+        bk = min(bk, dim_slice)
+    bv = min(block_sizes.block_v, dv)
+    nk, nv = dk // bk, dv // bv
+    params = compat.triton_compiler_params(block_sizes.num_warps, block_sizes.num_stages)
+    interpret = compat.pallas_interpret()
+    has_decay = bf is not None
+
+    def seq(d, col):
+        return pl.BlockSpec((None, L, None, d),
+                                          (lambda bh, s, j: (bh // H, s, bh % H, j)) if col
+                                          else (lambda bh, s, j: (bh // H, s, bh % H, 0)))
+    state_rows = pl.BlockSpec((None, None, None, bk, dv),
+                              lambda bh, s, j: (bh // H, bh % H, s, j, 0))
+    dargs, dspecs = _decay_block_operands(bf, cnt, L, H, bk)
+    if mode == SCALAR:
+        db_shape = jax.ShapeDtypeStruct((B, T, H, nk), _f32)
+        db_spec = pl.BlockSpec((None, L, None, None), lambda bh, s, j: (bh // H, s, bh % H, j))
+    else:
+        db_shape = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
+        db_spec = seq(bk, True)
+    out_shapes = [jax.ShapeDtypeStruct((B, T, H, dk), q.dtype)]
+    out_specs = [seq(bk, True)]
+    if has_decay:
+        out_shapes.append(db_shape)
+        out_specs.append(db_spec)
+
+    def outputs_kernel(kernel):
+        if has_decay:
+            return kernel
+
+        def wrapped(*refs):
+            return kernel(*refs, None)
+
+        return wrapped
+
+    common = dict(c=c, n_chunks=L // c, mode=mode, scale=scale)
+    in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs]
+    dq_kernel = outputs_kernel(with_decay_refs(functools.partial(_dq_kernel, **common), 4,
+                                               has_decay))
+    dq, *dbq = pl.pallas_call(
+        dq_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
+        out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+        interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
+    )(q, k, v, do, *dargs, s_in)
+    dk_kernel = outputs_kernel(with_decay_refs(functools.partial(_dk_kernel, **common), 4,
+                                               has_decay))
+    dk_, *dbk = pl.pallas_call(
+        dk_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
+        out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+        interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
+    )(q, k, v, do, *dargs, dh_out)
+
+    vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
+    dargs_v, dspecs_v = decay_operands(bf, cnt, L, H, dk)
+    dv_kernel = with_decay_refs(
+        functools.partial(_dv_kernel, **common, dk=dk, dim_slice=min(dim_slice, dk)), 3,
+        has_decay)
+    dv_, ds0 = pl.pallas_call(
+        dv_kernel, grid=(B * H, S, nv),
+        in_specs=[seq(dk, False), seq(dk, False), vcol, *dspecs_v,
+                  pl.BlockSpec((None, None, None, dk, bv),
+                               lambda bh, s, j: (bh // H, bh % H, s, 0, j))],
+        out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
+                                      lambda bh, s, j: (bh // H, bh % H, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
+                   jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
+        compiler_params=params, interpret=interpret, name="lasp2_chunk_attention_bwd_dv",
+    )(q, k, do, *dargs_v, dh_out)
+    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0

@@ -1,0 +1,282 @@
+"""Pallas forward kernels of chunked linear attention: the segment summary and the outputs.
+
+Notation of DESIGN.md §1: S_t = diag(a_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t, with
+a_t = exp(g_t). The segment of one (batch, head) is cut into chunks of C tokens, and the chunks
+into ``num_segments`` segments of K chunks: LASP-2 applied across the programs of one device.
+
+Decays enter every kernel in the same chunk-local form (built by :mod:`lasp2_jax.kernels.pallas`):
+``bf`` is the inclusive cumulative sum of the finite log decays from the chunk start and ``cnt``
+counts the resets (g < RESET_LOG_DECAY, where exp(g) is 0 in float32) from the chunk start. All
+decays are then referred to the chunk's own boundaries, so every exponent is <= 0, and a reset
+zeroes exactly the products that cross it (the count differs) without forming inf - inf:
+
+    q side  exp(b_i)         = [cnt_i == 0]        exp(bf_i)            (chunk start -> i)
+    k side  exp(b_C - b_j)   = [cnt_j == cnt_C]    exp(bf_C - bf_j)     (j -> chunk end)
+    chunk   exp(b_C)         = [cnt_C == 0]        exp(bf_C)
+    pair    exp(b_i - b_j)   = [cnt_i == cnt_j]    exp(bf_i - bf_j)     (j <= i)
+
+These kernels are the forward of the custom VJP in :mod:`lasp2_jax.kernels.pallas`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lasp2_jax import compat
+
+_f32 = jnp.float32
+
+# Decay forms inside the kernels.
+NONE, SCALAR, PER_DIM = "none", "scalar", "per_dim"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the forward kernels.
+
+    chunk: C, tokens per chunk (a power of two >= 16).
+    block_v: Dv columns per program (the state tile is [Dk, block_v]).
+    dim_slice: Dk columns per step of the per-dimension-decay pairwise product ([C, C, slice]).
+    min_programs: split the sequence into segments until (batch*heads) * segments * (Dv blocks)
+      reaches this many programs (LASP-2 inside the device).
+    num_warps, num_stages: Triton launch parameters.
+    """
+
+    chunk: int = 64
+    block_v: int = 64
+    dim_slice: int = 32
+    min_programs: int = 264
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def mm(a, b, *, ta: bool = False, tb: bool = False):
+    """a @ b with either operand transposed, accumulated in float32."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=_f32)
+
+
+def causal_mask(c: int):
+    i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return i >= j
+
+
+def chunk_factors(bf, cnt):
+    """The q-side, k-side and whole-chunk decay factors of one chunk (table in the docstring).
+
+    bf, cnt: [C] or [C, Dk]. Returns fq, fk of the same shape and fa of shape [] or [Dk].
+    """
+    last = jnp.min(bf, axis=0)  # bf is non-increasing along the chunk: its minimum is b_C
+    clast = jnp.max(cnt, axis=0)
+    fq = jnp.where(cnt == 0.0, jnp.exp(bf), 0.0)
+    fk = jnp.where(cnt == clast, jnp.exp(jnp.minimum(last - bf, 0.0)), 0.0)
+    fa = jnp.where(clast == 0.0, jnp.exp(last), 0.0)
+    return fq, fk, fa
+
+
+def pair_weights(bf, cnt, c: int):
+    """[C, C] causal decay weights exp(b_i - b_j) for j <= i (scalar decay); 0 across resets."""
+    keep = causal_mask(c) & (cnt[:, None] == cnt[None, :])
+    return jnp.where(keep, jnp.exp(jnp.minimum(bf[:, None] - bf[None, :], 0.0)), 0.0)
+
+
+def pair_weights_dim(bf, cnt, c: int):
+    """[C, C, D] weights exp(b_i[d] - b_j[d]) for j <= i (per-dimension decay)."""
+    keep = causal_mask(c)[:, :, None] & (cnt[:, None, :] == cnt[None, :, :])
+    return jnp.where(keep, jnp.exp(jnp.minimum(bf[:, None, :] - bf[None, :, :], 0.0)), 0.0)
+
+
+def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: int,
+                 dim_slice: int):
+    """A = (q k^T) masked and decayed inside one chunk, [C, C] float32 (the intra-chunk term)."""
+    if mode == PER_DIM:
+        # A_ij = sum_d q_id k_jd exp(b_id - b_jd): no factorisation through one matmul keeps
+        # every exponent <= 0, so it is a [C, C, slice] product, a Dk slice at a time.
+        a = jnp.zeros((c, c), _f32)
+        for d0 in range(0, dk, dim_slice):
+            ds = pl.ds(d0, dim_slice)
+            qs = q_ref[sl, ds].astype(_f32)
+            ks = k_ref[sl, ds].astype(_f32)
+            w = pair_weights_dim(bf_ref[sl, ds], cnt_ref[sl, ds], c)
+            a = a + jnp.sum(qs[:, None, :] * ks[None, :, :] * w, axis=2)
+        return a
+    a = mm(q_ref[sl, :], k_ref[sl, :], tb=True)
+    if mode == SCALAR:
+        return a * pair_weights(bf_ref[sl], cnt_ref[sl], c)
+    return jnp.where(causal_mask(c), a, 0.0)
+
+
+def load_factors(bf_ref, cnt_ref, sl, mode: str):
+    """(fq, fk, fa) broadcastable against [C, Dk] tiles and [Dk, *] states; None if no decay."""
+    if mode == NONE:
+        return None
+    if mode == SCALAR:
+        fq, fk, fa = chunk_factors(bf_ref[sl], cnt_ref[sl])
+        return fq[:, None], fk[:, None], fa
+    fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :])
+    return fq, fk, fa[:, None]
+
+
+def _scaled(x, f):
+    return x if f is None else (x.astype(_f32) * f).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Segment summary: M = sum over the segment of (x * f)^T y, chunk by chunk.
+
+
+def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: int, mode: str,
+                    reverse: bool, side: str, scale: float):
+    """One (batch*head, segment, column block) program.
+
+    Forward (side "k", chunks in order): the segment's state from zero,
+        M = sum_j diag(exp(b_L - b_j)) k_j^T v_j,  by  S <- diag(a_chunk) S + (k * fk)^T v.
+    Backward (side "q", chunks in reverse): the gradient its outputs send to the state entering
+    the segment, dM = scale * sum_i (q_i exp(b_i))^T dO_i,  by  dS <- diag(a_chunk) dS
+    + scale (q * fq)^T dO. Both are LASP-2's step 1 (DESIGN.md §1) on a segment of one device.
+    """
+
+    def body(i, acc):
+        ci = n_chunks - 1 - i if reverse else i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        x, y = x_ref[sl, :], y_ref[sl, :]
+        f = load_factors(bf_ref, cnt_ref, sl, mode)
+        if f is None:
+            return acc + scale * mm(x, y, ta=True)
+        fq, fk, fa = f
+        return fa * acc + scale * mm(_scaled(x, fq if side == "q" else fk), y, ta=True)
+
+    m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
+
+
+def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
+                    block_sizes: BlockSizes, reverse: bool, side: str, scale: float):
+    """Per-segment summaries [B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`).
+
+    x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, T, H] or [B, T, H, Dk] (None without decay).
+    T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two.
+    """
+    B, T, H, dk = x.shape
+    dv = y.shape[-1]
+    c, S = block_sizes.chunk, num_segments
+    L = T // S
+    bv = min(block_sizes.block_v, dv)
+    grid = (B * H, S, dv // bv)
+    def seq(d):
+        return pl.BlockSpec((None, L, None, d), lambda bh, s, j: (bh // H, s, bh % H, 0))
+    in_specs = [seq(dk),
+                pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))]
+    dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
+    args = [x, y, *dargs]
+    in_specs += dspecs
+    kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
+                               reverse=reverse, side=side, scale=scale)
+    kernel = with_decay_refs(kernel, 2, bf is not None)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, None, dk, bv),
+                               lambda bh, s, j: (bh // H, bh % H, s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((B, H, S, dk, dv), _f32),
+        compiler_params=compat.triton_compiler_params(block_sizes.num_warps,
+                                                      block_sizes.num_stages),
+        interpret=compat.pallas_interpret(),
+        name="lasp2_segment_summary_bwd" if reverse else "lasp2_segment_summary",
+    )(*args)
+
+
+def with_decay_refs(kernel, position: int, has_decay: bool):
+    """Without decay the pallas_call gets no (bf, cnt) operands: pass None refs in their place."""
+    if has_decay:
+        return kernel
+
+    def wrapped(*refs):
+        return kernel(*refs[:position], None, None, *refs[position:])
+
+    return wrapped
+
+
+def decay_operands(bf, cnt, L: int, H: int, dk: int):
+    """(operands, BlockSpecs) of the chunk-local decays; empty without decay."""
+    if bf is None:
+        return [], []
+    if bf.ndim == 3:
+        spec = pl.BlockSpec((None, L, None), lambda bh, s, j: (bh // H, s, bh % H))
+    else:
+        spec = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
+    return [bf, cnt], [spec, spec]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: o = scale * (A v + (q * fq) S_in), chunk by chunk, from each segment's incoming state.
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s_ref, o_ref, final_ref, *, c: int,
+                    n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
+    """One (batch*head, segment, Dv block) program: LASP-2 steps 3 and 5 on one segment.
+
+    With S the state entering chunk n (from the segment's incoming state):
+        o_chunk = scale * (A v + diag(exp(b)) q S),   A = (q k^T) * exp(b_i - b_j) * [j <= i]
+        S      <- diag(exp(b_C)) S + (diag(exp(b_C - b_j)) k)^T v.
+    """
+
+    def body(ci, state):
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=c, dk=dk,
+                         dim_slice=dim_slice)
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        f = load_factors(bf_ref, cnt_ref, sl, mode)
+        fq, fk, fa = (None, None, 1.0) if f is None else f
+        o = mm(a.astype(v.dtype), v) + mm(_scaled(q, fq), state.astype(q.dtype))
+        o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
+        return fa * state + mm(_scaled(k, fk), v, ta=True)
+
+    state = lax.fori_loop(0, n_chunks, body, s_ref[...])
+
+    @pl.when(pl.program_id(1) == pl.num_programs(1) - 1)
+    def _():
+        final_ref[...] = state
+
+
+def forward_outputs(q, k, v, bf, cnt, s_in, *, mode: str, scale: float,
+                    block_sizes: BlockSizes, out_dtype):
+    """Outputs [B, T, H, Dv] and the final state [B, H, Dk, Dv] (float32).
+
+    s_in [B, H, S, Dk, Dv]: the state entering each segment (LASP-2 step 4, done by the caller).
+    """
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    S = s_in.shape[2]
+    c, L = block_sizes.chunk, T // S
+    bv = min(block_sizes.block_v, dv)
+    grid = (B * H, S, dv // bv)
+    full = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
+    vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
+    dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
+    in_specs = [full, full, vcol, *dspecs,
+                pl.BlockSpec((None, None, None, dk, bv),
+                             lambda bh, s, j: (bh // H, bh % H, s, 0, j))]
+    kernel = functools.partial(_forward_kernel, c=c, n_chunks=L // c, mode=mode, scale=scale,
+                               dk=dk, dim_slice=min(block_sizes.dim_slice, dk))
+    kernel = with_decay_refs(kernel, 3, bf is not None)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
+                                      lambda bh, s, j: (bh // H, bh % H, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), out_dtype),
+                   jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
+        compiler_params=compat.triton_compiler_params(block_sizes.num_warps,
+                                                      block_sizes.num_stages),
+        interpret=compat.pallas_interpret(),
+        name="lasp2_chunk_attention_fwd",
+    )(q, k, v, *dargs, s_in)
