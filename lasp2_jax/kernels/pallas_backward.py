@@ -26,14 +26,18 @@ from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
 from lasp2_jax.kernels.pallas_forward import (
+    DG_SPLIT,
     NONE,
     PER_DIM,
     SCALAR,
+    _scaled,
     causal_mask,
     decay_operands,
     intra_scores,
     load_factors,
+    lowp,
     mm,
+    mmx,
     pair_weights,
     pair_weights_dim,
     with_decay_refs,
@@ -58,8 +62,6 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _scaled(x, f):
-    return x if f is None else (x.astype(_f32) * f).astype(x.dtype)
 
 
 def _decay_block_operands(bf, cnt, L: int, H: int, bk: int):
@@ -90,14 +92,14 @@ def _db_store(db_ref, sl, x, dx, mode: str):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_ref, *, c: int,
-               n_chunks: int, mode: str, scale: float):
+               n_chunks: int, mode: str, scale: float, split: frozenset):
     def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         k, v, do = k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dp = scale * mm(do, v, tb=True)
         f = load_factors(bf_ref, cnt_ref, sl, mode)
         fq, fk, fa = (None, None, 1.0) if f is None else f
-        inter = scale * mm(do, state.astype(do.dtype), tb=True)
+        inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         if fq is not None:
             inter = inter * fq
         if mode == PER_DIM:
@@ -109,7 +111,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_r
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         if mode != NONE:
             _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
-        return fa * state + mm(_scaled(k, fk), v, ta=True)
+        return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
     lax.fori_loop(0, n_chunks, body, s_ref[...])
 
@@ -119,7 +121,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_r
 
 
 def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_ref, *, c: int,
-               n_chunks: int, mode: str, scale: float):
+               n_chunks: int, mode: str, scale: float, split: frozenset):
     def body(i, dh):
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -127,7 +129,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_
         dp = scale * mm(do, v, tb=True)
         f = load_factors(bf_ref, cnt_ref, sl, mode)
         fq, fk, fa = (None, None, 1.0) if f is None else f
-        inter = mm(v, dh.astype(v.dtype), tb=True)
+        inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         if fk is not None:
             inter = inter * fk
         if mode == PER_DIM:
@@ -140,7 +142,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if mode != NONE:
             _db_store(db_ref, sl, k, dk, mode)
-        return fa * dh + scale * mm(_scaled(q, fq), do, ta=True)
+        return fa * dh + scale * mmx(_scaled(q, fq, split), do, ta=True)
 
     lax.fori_loop(0, n_chunks, body, dh_ref[...])
 
@@ -161,7 +163,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dh_ref, dv_ref, ds0_ref, *
         fq, fk, fa = (None, None, 1.0) if f is None else f
         dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return fa * dh + scale * mm(_scaled(q, fq), do, ta=True)
+        return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)
 
     dh = lax.fori_loop(0, n_chunks, body, dh_ref[...])
 
@@ -222,16 +224,17 @@ def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chu
         return wrapped
 
     common = dict(c=c, n_chunks=L // c, mode=mode, scale=scale)
+    split = DG_SPLIT if mode != NONE else frozenset()
     in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs]
-    dq_kernel = outputs_kernel(with_decay_refs(functools.partial(_dq_kernel, **common), 4,
-                                               has_decay))
+    dq_kernel = outputs_kernel(with_decay_refs(
+        functools.partial(_dq_kernel, **common, split=split), 4, has_decay))
     dq, *dbq = pl.pallas_call(
         dq_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
         out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
         interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
     )(q, k, v, do, *dargs, s_in)
-    dk_kernel = outputs_kernel(with_decay_refs(functools.partial(_dk_kernel, **common), 4,
-                                               has_decay))
+    dk_kernel = outputs_kernel(with_decay_refs(
+        functools.partial(_dk_kernel, **common, split=split), 4, has_decay))
     dk_, *dbk = pl.pallas_call(
         dk_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
         out_specs=out_specs, out_shape=out_shapes, compiler_params=params,

@@ -62,6 +62,31 @@ def mm(a, b, *, ta: bool = False, tb: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=_f32)
 
 
+# The log-decay gradient is a difference of q*dq and k*dk sums (pallas_backward): in bf16 the
+# pair terms cancel only if the states and decayed q / k that the dq, dk and summary kernels
+# feed to their matmuls keep more than bf16's 8 bits. Those float32 intermediates enter as a
+# bf16 pair hi + lo (hi = bf16(x), lo = bf16(x - hi)): ~16 bits, at the cost of a second matmul.
+DG_SPLIT = frozenset({"state", "qk_decay"})
+
+
+def lowp(x, dtype, name: str, split: frozenset = frozenset()):
+    """x (float32) as a matmul operand of `dtype`: rounded, or split into (hi, lo)."""
+    if name not in split or jnp.dtype(dtype) == jnp.dtype(_f32):
+        return x.astype(dtype)
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(_f32)).astype(dtype)
+
+
+def mmx(a, b, *, ta: bool = False, tb: bool = False):
+    """mm where either operand may be a (hi, lo) pair from :func:`lowp` (lo * lo dropped)."""
+    if isinstance(a, tuple):
+        return mmx(a[0], b, ta=ta, tb=tb) + mmx(a[1], b if not isinstance(b, tuple) else b[0],
+                                                 ta=ta, tb=tb)
+    if isinstance(b, tuple):
+        return mm(a, b[0], ta=ta, tb=tb) + mm(a, b[1], ta=ta, tb=tb)
+    return mm(a, b, ta=ta, tb=tb)
+
+
 def causal_mask(c: int):
     i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -124,8 +149,8 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str):
     return fq, fk, fa[:, None]
 
 
-def _scaled(x, f):
-    return x if f is None else (x.astype(_f32) * f).astype(x.dtype)
+def _scaled(x, f, split: frozenset = frozenset()):
+    return x if f is None else lowp(x.astype(_f32) * f, x.dtype, "qk_decay", split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +158,7 @@ def _scaled(x, f):
 
 
 def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: int, mode: str,
-                    reverse: bool, side: str, scale: float):
+                    reverse: bool, side: str, scale: float, split: frozenset):
     """One (batch*head, segment, column block) program.
 
     Forward (side "k", chunks in order): the segment's state from zero,
@@ -151,7 +176,7 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: i
         if f is None:
             return acc + scale * mm(x, y, ta=True)
         fq, fk, fa = f
-        return fa * acc + scale * mm(_scaled(x, fq if side == "q" else fk), y, ta=True)
+        return fa * acc + scale * mmx(_scaled(x, fq if side == "q" else fk, split), y, ta=True)
 
     m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
 
@@ -177,7 +202,8 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
     args = [x, y, *dargs]
     in_specs += dspecs
     kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
-                               reverse=reverse, side=side, scale=scale)
+                               reverse=reverse, side=side, scale=scale,
+                               split=DG_SPLIT if mode != NONE else frozenset())
     kernel = with_decay_refs(kernel, 2, bf is not None)
     return pl.pallas_call(
         kernel,
@@ -235,9 +261,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s_ref, o_ref, final_re
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
         f = load_factors(bf_ref, cnt_ref, sl, mode)
         fq, fk, fa = (None, None, 1.0) if f is None else f
-        o = mm(a.astype(v.dtype), v) + mm(_scaled(q, fq), state.astype(q.dtype))
+        o = mm(a.astype(v.dtype), v) + mmx(_scaled(q, fq), state.astype(q.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return fa * state + mm(_scaled(k, fk), v, ta=True)
+        return fa * state + mmx(_scaled(k, fk), v, ta=True)
 
     state = lax.fori_loop(0, n_chunks, body, s_ref[...])
 

@@ -1,0 +1,388 @@
+"""Per-device linear-attention kernels on one GPU: correctness against the float64 oracle, then
+forward and forward+backward medians of the pallas and xla backends and of
+flash-linear-attention's (FLA) chunk kernels, measured in the same run.
+
+    python benchmarks/bench_kernels.py                # full matrix (bf16, H=16, D=128)
+    python benchmarks/bench_kernels.py --quick        # B=1 T=16384 only
+    python benchmarks/bench_kernels.py --no-check     # skip the oracle checks
+
+Writes benchmarks/results/kernels.json and kernels.png (and copies them to $OUT if set).
+Decay forms: basic (none), lightning ([H], fixed per head), simple_gla ([B,T,H], data
+dependent), gla ([B,T,H,Dk]). FLOP counts are those of the chunked algorithm (C=64); the
+HBM floor moves every input and output once at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lasp2_jax.kernels import pallas, reference, xla  # noqa: E402
+
+FORMS = ("basic", "lightning", "simple_gla", "gla")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness on the GPU.
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEFAULT_CONFIG):
+    q, k = (rng.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((B, T, H, Dv)).astype(np.float32)
+    g = None
+    if form == "scalar":
+        g = np.log(rng.uniform(0.3, 1.0, (B, T, H))).astype(np.float32)
+    elif form == "per_dim":
+        g = np.log(rng.uniform(0.3, 1.0, (B, T, H, Dk))).astype(np.float32)
+    if g is not None and resets:
+        g[:, T // 3] = -np.inf
+        g[:, T // 2] = -1e30
+    s0 = rng.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    do = rng.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = rng.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    q, k, v, do = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v, do))
+    scale = Dk ** -0.5
+
+    def f(q_, k_, v_, g_, s_):
+        return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk,
+                                             initial_state=s_, config=config)
+
+    @jax.jit
+    def run(q_, k_, v_, g_, s_, do_, dst_):
+        (o, st), vjp = jax.vjp(f, q_, k_, v_, g_, s_)
+        return (o, st), vjp((do_, dst_))
+
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [
+        None if g is None else jnp.asarray(g), jnp.asarray(s0)]
+    out1 = run(*args, jnp.asarray(do, dtype), jnp.asarray(dst))
+    out2 = run(*args, jnp.asarray(do, dtype), jnp.asarray(dst))
+    l1, l2 = jax.tree.leaves(out1), jax.tree.leaves(out2)
+    deterministic = all(np.array_equal(np.asarray(a), np.asarray(b))
+                        for a, b in zip(l1, l2, strict=True))
+    finite = all(np.isfinite(np.asarray(x, np.float32)).all() for x in l1)
+    with jax.enable_x64(True):
+        def f64(q_, k_, v_, g_, s_):
+            return reference.linear_attention_recurrent(q_, k_, v_, g_, scale=scale,
+                                                        initial_state=s_)
+        a64 = [None if x is None else jnp.asarray(x, jnp.float64) for x in (q, k, v, g, s0)]
+        (ro, rst), vjp = jax.vjp(f64, *a64)
+        rg = vjp((jnp.asarray(do, jnp.float64), jnp.asarray(dst, jnp.float64)))
+        ref = {"o": np.asarray(ro), "final": np.asarray(rst)}
+        for n, x in zip(("dq", "dk", "dv", "dg", "ds0"), rg, strict=False):
+            if x is not None:
+                ref[n] = np.asarray(x)
+    (o, st), grads = out1
+    got = {"o": o, "final": st}
+    for n, x in zip(("dq", "dk", "dv", "dg", "ds0"), grads, strict=False):
+        if x is not None:
+            got[n] = x
+    errs = {n: _rel(got[n], ref[n]) for n in ref}
+    return errs, deterministic, finite
+
+
+def run_checks(out):
+    rng = np.random.default_rng()
+    rows = []
+    cases = [
+        # small, ragged, Dk / Dv not powers of two, few programs -> many segments
+        dict(B=2, T=333, H=2, Dk=72, Dv=40),
+        # benchmark head size, several segments of several chunks
+        dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
+    ]
+    for case in cases:
+        for form in ("none", "scalar", "per_dim"):
+            for dtype, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3)):
+                for resets in ((False, True) if form != "none" else (False,)):
+                    t0 = time.time()
+                    errs, det, fin = check(rng, **case, form=form, dtype=dtype, resets=resets)
+                    ok = det and fin and max(errs.values()) < tol
+                    row = dict(case=case, form=form, dtype=jnp.dtype(dtype).name, resets=resets,
+                               errors=errs, deterministic=det, finite=fin, ok=ok,
+                               seconds=round(time.time() - t0, 1))
+                    rows.append(row)
+                    log(f"check {case} {form:8s} {row['dtype']:8s} resets={resets!s:5s} "
+                        f"max_err={max(errs.values()):.2e} det={det} finite={fin} "
+                        f"{'OK' if ok else 'FAIL'}  " +
+                        " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    out["checks"] = rows
+    return all(r["ok"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def time_calls(fn, sync, reps=5, inner=10, warmup=2):
+    """Median over reps of the mean time (ms) of `inner` back-to-back calls."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = None
+        for _ in range(inner):
+            r = fn()
+        sync(r)
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def jax_sync(x):
+    jax.block_until_ready(x)
+
+
+def make_decay(rng, form, B, T, H, Dk):
+    if form == "basic":
+        return None
+    if form == "lightning":
+        h = np.arange(H)
+        return (-(8.0 / H) * (1 - 0.5) * h / 8.0 - 1e-3).astype(np.float32)  # [H]
+    if form == "simple_gla":
+        return np.log(rng.uniform(0.9, 1.0, (B, T, H))).astype(np.float32)
+    return np.log(rng.uniform(0.9, 1.0, (B, T, H, Dk))).astype(np.float32)
+
+
+def canonical(g, B, T, H):
+    if g is None or g.ndim != 1:
+        return g
+    return jnp.broadcast_to(jnp.asarray(g), (B, T, H))
+
+
+def bench_jax(impl, q, k, v, g, do, scale, config=None):
+    B, T, H, _ = q.shape
+    if impl == "pallas":
+        cfg = config or pallas.DEFAULT_CONFIG
+
+        def attn(q_, k_, v_, g_):
+            return pallas.chunk_linear_attention(q_, k_, v_, canonical(g_, B, T, H), scale=scale,
+                                                 config=cfg)[0]
+    else:
+        def attn(q_, k_, v_, g_):
+            return xla.chunk_linear_attention(q_, k_, v_, canonical(g_, B, T, H), scale=scale)[0]
+
+    fwd = jax.jit(attn)
+
+    @jax.jit
+    def fwd_bwd(q_, k_, v_, g_, do_):
+        o, vjp = jax.vjp(attn, q_, k_, v_, g_)
+        return vjp(do_)
+
+    t_f = time_calls(lambda: fwd(q, k, v, g), jax_sync)
+    t_fb = time_calls(lambda: fwd_bwd(q, k, v, g, do), jax_sync)
+    return t_f, t_fb
+
+
+def bench_fla(form, qn, kn, vn, gn, don, scale):
+    import torch
+
+    dev = "cuda"
+    def t(x, dt=torch.bfloat16):
+        return torch.tensor(x, dtype=torch.float32, device=dev).to(dt)
+    q, k, v, do = t(qn), t(kn), t(vn), t(don)
+    if form == "basic":
+        from fla.ops.linear_attn import chunk_linear_attn
+        def call(q_, k_, v_):
+            return chunk_linear_attn(q_, k_, v_, scale=scale, normalize=False)[0]
+    elif form == "lightning":
+        from fla.ops.simple_gla import chunk_simple_gla
+        gg = torch.tensor(gn, dtype=torch.float32, device=dev)
+        def call(q_, k_, v_):
+            return chunk_simple_gla(q_, k_, v_, g_gamma=gg, scale=scale)[0]
+    elif form == "simple_gla":
+        from fla.ops.simple_gla import chunk_simple_gla
+        gg = torch.tensor(gn, dtype=torch.float32, device=dev)
+        def call(q_, k_, v_):
+            return chunk_simple_gla(q_, k_, v_, g=gg, scale=scale)[0]
+    else:
+        from fla.ops.gla import chunk_gla
+        gg = torch.tensor(gn, dtype=torch.float32, device=dev)
+        def call(q_, k_, v_):
+            return chunk_gla(q_, k_, v_, g=gg, scale=scale)[0]
+    def sync(_):
+        return torch.cuda.synchronize()
+
+    def fwd():
+        with torch.no_grad():
+            return call(q, k, v)
+
+    qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+
+    def fwd_bwd():
+        o = call(qg, kg, vg)
+        o.backward(do)
+        return o
+
+    return time_calls(fwd, sync), time_calls(fwd_bwd, sync)
+
+
+def copy_bandwidth():
+    x = jnp.ones((1024, 1024, 256), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda a: a * 1.0001)
+    ms = time_calls(lambda: f(x), jax_sync)
+    return 2 * x.size * 4 / (ms * 1e-3) / 1e9  # GB/s, read + write
+
+
+def flops(B, T, H, D, C=64):
+    fwd = 2.0 * B * H * T * (C * D + C * D + 2 * D * D)
+    return fwd, 3 * fwd
+
+
+def hbm_bytes(B, T, H, D, form):
+    x = B * T * H * D * 2  # one bf16 tensor
+    gb = {"basic": 0, "lightning": 0, "simple_gla": B * T * H * 4, "gla": B * T * H * D * 4}[form]
+    fwd = 4 * x + gb  # q, k, v in; o out
+    return fwd, fwd + 4 * x + gb  # + do in; dq, dk, dv out (+ dg)
+
+
+def run_timings(out, shapes, impls, forms, variants):
+    rng = np.random.default_rng()
+    H, D = 16, 128
+    bw = copy_bandwidth()
+    out["copy_GBps"] = bw
+    log(f"device copy bandwidth {bw:.0f} GB/s")
+    rows = []
+    for B, T in shapes:
+        qn, kn = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(2))
+        vn, don = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(2))
+        q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in (qn, kn, vn, don))
+        scale = D ** -0.5
+        f_fwd, f_fb = flops(B, T, H, D)
+        for form in forms:
+            gn = make_decay(rng, form, B, T, H, D)
+            g = None if gn is None else jnp.asarray(gn)
+            b_fwd, b_fb = hbm_bytes(B, T, H, D, form)
+            cases = [(impl, None) for impl in impls]
+            if form == "basic" or form == "simple_gla":
+                cases += [("pallas", v_) for v_ in variants]
+            for impl, variant in cases:
+                name = impl if variant is None else f"pallas[{variant}]"
+                try:
+                    if impl == "fla":
+                        t_f, t_fb = bench_fla(form, qn, kn, vn, gn, don, scale)
+                    else:
+                        cfg = None if variant is None else VARIANTS[variant]
+                        t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
+                    err = None
+                except Exception as e:  # a kernel that does not run here is a result too
+                    t_f = t_fb = float("nan")
+                    err = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    traceback.print_exc(limit=2)
+                row = dict(B=B, T=T, H=H, D=D, form=form, impl=name, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                           fwd_tflops=f_fwd / (t_f * 1e-3) / 1e12,
+                           fwd_bwd_tflops=f_fb / (t_fb * 1e-3) / 1e12,
+                           fwd_GBps=b_fwd / (t_f * 1e-3) / 1e9,
+                           fwd_floor_ms=b_fwd / (bw * 1e9) * 1e3,
+                           fwd_bwd_floor_ms=b_fb / (bw * 1e9) * 1e3, error=err)
+                rows.append(row)
+                log(f"B={B} T={T:6d} {form:10s} {name:28s} fwd {t_f:8.3f} ms  "
+                    f"fwd+bwd {t_fb:8.3f} ms" + (f"  [{err}]" if err else ""))
+    out["timings"] = rows
+    return rows
+
+
+def _variants():
+    fb = pallas.pallas_forward.BlockSizes
+    bb = pallas.pallas_backward.BlockSizes
+    C = pallas.Config
+    return {
+        "prog528": C(fb(min_programs=528), bb()),
+        "prog132": C(fb(min_programs=132), bb()),
+        "w8": C(fb(num_warps=8), bb(num_warps=8)),
+        "bv128": C(fb(block_v=128, num_warps=8), bb(block_k=128, block_v=128, num_warps=8)),
+        "st3": C(fb(num_stages=3), bb(num_stages=3)),
+        "st1": C(fb(num_stages=1), bb(num_stages=1)),
+    }
+
+
+VARIANTS = _variants()
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = sorted({(r["B"], r["T"]) for r in rows})
+    impls = [i for i in ("pallas", "xla", "fla") if any(r["impl"] == i for r in rows)]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.2 * len(groups)), squeeze=False)
+    for gi, (B, T) in enumerate(groups):
+        for ci, key in enumerate(("fwd_ms", "fwd_bwd_ms")):
+            ax = axes[gi][ci]
+            for ii, impl in enumerate(impls):
+                vals = [next((r[key] for r in rows if r["B"] == B and r["T"] == T and
+                              r["form"] == f and r["impl"] == impl), np.nan) for f in FORMS]
+                ax.bar(np.arange(len(FORMS)) + ii * 0.27, vals, 0.27, label=impl)
+            ax.set_xticks(np.arange(len(FORMS)) + 0.27)
+            ax.set_xticklabels(FORMS)
+            ax.set_ylabel("ms")
+            ax.set_title(f"{key[:-3]}  B={B} T={T} H=16 D=128 bf16")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--impls", default="pallas,xla,fla")
+    p.add_argument("--forms", default=",".join(FORMS))
+    p.add_argument("--variants", default="")
+    p.add_argument("--tag", default="kernels")
+    args = p.parse_args()
+    dev = jax.devices()[0]
+    out = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform)
+    log(f"device {dev.device_kind}  jax {jax.__version__}")
+    ok = True
+    if not args.no_check:
+        ok = run_checks(out)
+    shapes = [(1, 16384)] if args.quick else [(1, 16384), (1, 65536), (4, 16384)]
+    variants = [v for v in args.variants.split(",") if v]
+    rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants)
+    os.makedirs(RESULTS, exist_ok=True)
+    jpath = os.path.join(RESULTS, f"{args.tag}.json")
+    with open(jpath, "w") as f:
+        json.dump(out, f, indent=1)
+    ppath = os.path.join(RESULTS, f"{args.tag}.png")
+    plot([r for r in rows if "[" not in r["impl"]], ppath)
+    if os.environ.get("OUT"):
+        for pth in (jpath, ppath):
+            if os.path.exists(pth):
+                shutil.copy(pth, os.environ["OUT"])
+    log(f"\n{dev.device_kind}, jax {jax.__version__}, bf16 H=16 D=128 (median ms)")
+    log(f"{'B':>2} {'T':>6} {'form':10s} {'impl':22s} {'fwd':>8} {'fwd+bwd':>8} "
+        f"{'TF/s':>6} {'floor':>6}")
+    for r in rows:
+        log(f"{r['B']:2d} {r['T']:6d} {r['form']:10s} {r['impl']:22s} {r['fwd_ms']:8.3f} "
+            f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_tflops']:6.0f} {r['fwd_bwd_floor_ms']:6.3f}")
+    log("checks:", "all OK" if ok else "FAILURES")
+
+
+if __name__ == "__main__":
+    main()
