@@ -1,0 +1,614 @@
+"""Training: configs, train state, the step, checkpoints and metrics.
+
+``run(TrainConfig(...), workdir)`` trains a Linear-Llama3 on the data of ``TrainConfig.data``
+over a ('dp', 'sp', 'tp') mesh. Everything a run needs to continue exactly (params, optimizer
+state, step, data-iterator position) is in its orbax checkpoints under ``<workdir>/ckpt``;
+running again with the same workdir resumes from the newest readable one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lasp2_jax import data as data_lib
+from lasp2_jax.mesh import logical_axis_rules, logical_to_spec, make_mesh
+from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
+from lasp2_jax.models.layers import constrain
+
+OBJECTIVES = ("causal_lm", "masked_lm")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; ``dp = -1`` takes every device that sp and tp leave over."""
+
+    dp: int = -1
+    sp: int = 1
+    tp: int = 1
+    fsdp: bool = False  # also shard the params' 'embed' axis over dp
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup, cosine decay to ``min_lr_ratio * lr``, global-norm clip."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: TrainConfig.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only, not on norms and biases
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between saves (the last step and a SIGTERM also save)
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True  # write in the background while training continues
+    restore: bool = True  # resume from <workdir>/ckpt when it has a checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host setup for ``jax.distributed.initialize``.
+
+    ``coordinator_address`` set: initialise with these values. Unset: initialise only when
+    the environment of a cluster launcher (SLURM, Open MPI, Cloud TPU ...) says so, which
+    ``jax.distributed.initialize()`` detects by itself; ``enabled=False`` never initialises.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: data_lib.DataConfig = dataclasses.field(default_factory=data_lib.DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    steps: int = 200
+    log_every: int = 10
+    seed: int = 0
+    objective: str = "causal_lm"  # or "masked_lm" (needs ModelConfig.causal = False)
+    mask_prob: float = 0.15  # masked LM: fraction of tokens replaced by the mask id
+    mask_id: int | None = None  # masked LM: None -> ModelConfig.vocab_size - 1
+    ce_chunks: int = 1  # cross-entropy in this many sequence chunks (long sequences)
+    peak_flops: float | None = None  # per device, for MFU; None: looked up by device kind
+    progress: bool = True  # tqdm progress bar on the console
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def maybe_init_distributed(cfg: DistributedConfig) -> None:
+    """Call ``jax.distributed.initialize`` when configured or launched by a cluster tool."""
+    if not cfg.enabled or jax.distributed.is_initialized():
+        return
+    launched = any(v in os.environ for v in (
+        "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_ID"))
+    if cfg.coordinator_address is None and not launched:
+        return
+    # CPU devices of different processes talk through gloo; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                               num_processes=cfg.num_processes, process_id=cfg.process_id)
+
+
+def resolve_mesh(cfg: TrainConfig):
+    """Build the mesh, filling ``dp = -1`` with the devices left over."""
+    m = cfg.mesh
+    n = jax.device_count()
+    dp = m.dp
+    if dp == -1:
+        if n % (m.sp * m.tp):
+            raise ValueError(f"MeshConfig.sp * MeshConfig.tp = {m.sp} * {m.tp} does not divide "
+                             f"the {n} devices available")
+        dp = n // (m.sp * m.tp)
+    try:
+        return make_mesh(dp=dp, sp=m.sp, tp=m.tp)
+    except ValueError as e:
+        raise ValueError(f"MeshConfig (dp, sp, tp) = ({m.dp}, {m.sp}, {m.tp}): {e}") from None
+
+
+def validate(cfg: TrainConfig, mesh) -> None:
+    """Every check that can fail before compiling; each message names its setting."""
+    cfg.model.validate()
+    cfg.data.validate()
+    mc, dc = cfg.model, cfg.data
+    dp, sp, tp = (mesh.shape[a] for a in ("dp", "sp", "tp"))
+
+    def bad(name, why):
+        raise ValueError(f"{name}: {why}")
+
+    if cfg.objective not in OBJECTIVES:
+        bad(f"TrainConfig.objective = {cfg.objective!r}", f"expected one of {OBJECTIVES}")
+    if cfg.objective == "causal_lm" and not mc.causal:
+        bad("ModelConfig.causal = False", "the causal_lm objective needs a causal model "
+            "(use TrainConfig.objective = 'masked_lm' for bidirectional models)")
+    if cfg.objective == "masked_lm":
+        if mc.causal:
+            bad("ModelConfig.causal = True", "masked_lm needs a bidirectional model")
+        if not 0.0 < cfg.mask_prob < 1.0:
+            bad(f"TrainConfig.mask_prob = {cfg.mask_prob}", "must be in (0, 1)")
+    for name in ("steps", "log_every", "ce_chunks"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            bad(f"TrainConfig.{name} = {getattr(cfg, name)!r}", "must be a positive integer")
+    if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
+        bad("CheckpointConfig.every / keep", "must be positive")
+    if dc.seq_len % sp:
+        bad(f"DataConfig.seq_len = {dc.seq_len}", f"must be divisible by MeshConfig.sp = {sp}")
+    if dc.seq_len % (cfg.ce_chunks * sp):
+        bad(f"DataConfig.seq_len = {dc.seq_len}",
+            f"must be divisible by TrainConfig.ce_chunks * MeshConfig.sp = {cfg.ce_chunks}*{sp}")
+    if dc.batch_size % dp:
+        bad(f"DataConfig.batch_size = {dc.batch_size}", f"must be divisible by dp = {dp}")
+    if mc.n_heads % tp:
+        bad(f"ModelConfig.n_heads = {mc.n_heads}", f"must be divisible by MeshConfig.tp = {tp}")
+    if mc.kv_heads % tp:
+        bad(f"ModelConfig.n_kv_heads = {mc.kv_heads}",
+            f"must be divisible by MeshConfig.tp = {tp}")
+    need = data_lib.vocab_size_needed(dc)
+    extra = 1 if cfg.objective == "masked_lm" and cfg.mask_id is None else 0
+    if need is not None and mc.vocab_size < need + extra:
+        bad(f"ModelConfig.vocab_size = {mc.vocab_size}",
+            f"the data needs at least {need + extra} ids"
+            + (" (its tokens and a mask id)" if extra else ""))
+    if cfg.mask_id is not None and not 0 <= cfg.mask_id < mc.vocab_size:
+        bad(f"TrainConfig.mask_id = {cfg.mask_id}", "must be a valid token id")
+
+
+# --------------------------------------------------------------------------- model state
+
+
+def make_optimizer(cfg: OptimizerConfig, steps: int) -> tuple[optax.GradientTransformation,
+                                                             Callable]:
+    decay_steps = max(cfg.decay_steps or steps, cfg.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=decay_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    return tx, schedule
+
+
+def abstract_params(mcfg: ModelConfig):
+    """Boxed param shapes (with logical axis names), without allocating anything."""
+    model = LinearLlama3(mcfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def param_shardings(mcfg: ModelConfig, mesh, fsdp: bool = False):
+    """NamedShardings of the params from their logical axes and lasp2_jax.mesh's table."""
+    rules = logical_axis_rules(fsdp)
+    specs = nn.get_partition_spec(abstract_params(mcfg))
+    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), rules)), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(tx, p_shardings, mcfg: ModelConfig, mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = nn.unbox(abstract_params(mcfg))
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, p_shardings,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    return dict(step=replicated, params=p_shardings, opt_state=opt_sh)
+
+
+def init_state(cfg: TrainConfig, tx, shardings):
+    """Params from the seed, fresh optimizer state, step 0: built already sharded."""
+    model = LinearLlama3(cfg.model)
+
+    def init():
+        params = nn.unbox(model.init(jax.random.key(cfg.seed),
+                                     jnp.zeros((1, 8), jnp.int32))["params"])
+        return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+# --------------------------------------------------------------------------- loss and step
+
+
+def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
+    """Sum of weighted token cross-entropies and of weights, never holding all logits.
+
+    h [B, T, D], w [D, V], targets / weights [B, T]. Tokens are split into ``n_chunks``
+    interleaved groups (token t in group t % n_chunks): with T sharded over 'sp' in
+    contiguous blocks, every group keeps that sharding, so no chunk moves data between
+    ranks. Each chunk's logits are recomputed in the backward pass (checkpoint), so peak
+    memory holds one chunk of [B, T / n_chunks, V] logits.
+    """
+    B, T, D = h.shape
+
+    def chunk_loss(hc, tc, wc):
+        logits = jnp.einsum("btd,dv->btv", hc, w.astype(hc.dtype),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "sequence", "act_vocab"), mesh)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - picked) * wc)
+
+    if n_chunks == 1:
+        return chunk_loss(h, targets, weights), jnp.sum(weights)
+    c = T // n_chunks
+    hs = jnp.moveaxis(h.reshape(B, c, n_chunks, D), 2, 0)
+    ts = jnp.moveaxis(targets.reshape(B, c, n_chunks), 2, 0)
+    ws = jnp.moveaxis(weights.reshape(B, c, n_chunks), 2, 0)
+    body = jax.checkpoint(chunk_loss)
+
+    def step(total, xs):
+        return total + body(*xs), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (hs, ts, ws))
+    return total, jnp.sum(weights)
+
+
+def apply_mask(batch, step, cfg: TrainConfig):
+    """Masked LM: replace a random ``mask_prob`` of tokens by the mask id, score only those.
+
+    The mask comes from (seed, step), so a resumed run masks exactly as an uninterrupted one.
+    """
+    mask_id = cfg.model.vocab_size - 1 if cfg.mask_id is None else cfg.mask_id
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
+    masked = jax.random.bernoulli(key, cfg.mask_prob, batch["inputs"].shape)
+    inputs = jnp.where(masked, mask_id, batch["inputs"])
+    return dict(batch, inputs=inputs, weights=masked.astype(jnp.float32))
+
+
+def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
+    model = LinearLlama3(cfg.model, mesh=mesh)
+
+    def loss_fn(params, batch):
+        h = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                        method=LinearLlama3.hidden)
+        total, count = chunked_cross_entropy(h, output_matrix(params, cfg.model),
+                                             batch["targets"], batch["weights"],
+                                             cfg.ce_chunks, mesh)
+        return total / jnp.maximum(count, 1.0), count
+
+    def train_step(state, batch):
+        if cfg.objective == "masked_lm":
+            batch = apply_mask(batch, state["step"], cfg)
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+                       lr=schedule(state["step"]), scored_tokens=count)
+        return dict(step=state["step"] + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------- FLOPs, MFU
+
+
+_PEAK_FLOPS = (  # dense bf16 per device, by device_kind substring
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12), ("TPU v6", 918e12),
+)
+
+
+def peak_flops_per_device(cfg: TrainConfig) -> float | None:
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    kind = jax.devices()[0].device_kind
+    return next((f for name, f in _PEAK_FLOPS if name in kind), None)
+
+
+def mixer_dims(mcfg: ModelConfig, mixer: str) -> tuple[int, int]:
+    """(Dk, Dv) of the state a mixer carries per head."""
+    Dh = mcfg.dim_head
+    if mixer == "based":
+        F = mcfg.feature_dim
+        return 1 + F + F * (F + 1) // 2, Dh + 1
+    if mixer == "rebased":
+        return mcfg.feature_dim, Dh + 1
+    return Dh, Dh + int(mcfg.normalize and mixer in ("basic", "lightning", "retention"))
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int, n_matmul_params: int) -> float:
+    """Training FLOPs per token: 6 N (matmul params) plus the attention (fwd + bwd = 3x fwd).
+
+    Linear layers, per head, per token, forward: the intra-chunk scores and their product
+    with v, 2 C (Dk + Dv), plus the state read and update, 4 Dk Dv. Softmax layers: 4 T Dh
+    for scores and values, halved when causal.
+    """
+    attn = 0.0
+    for mixer in mcfg.layer_mixers:
+        if mixer == "softmax":
+            attn += 4 * seq_len * mcfg.dim_head * mcfg.n_heads * (0.5 if mcfg.causal else 1.0)
+        else:
+            dk, dv = mixer_dims(mcfg, mixer)
+            attn += mcfg.n_heads * (2 * mcfg.chunk_size * (dk + dv) + 4 * dk * dv)
+    return 6.0 * n_matmul_params + 3.0 * attn
+
+
+def matmul_param_count(params, mcfg: ModelConfig) -> int:
+    """Params that take part in a matmul per token: all but the input embedding (a gather)."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if not mcfg.tie_embeddings:
+        total -= params["embed"]["embedding"].size
+    return int(total)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """Peak device memory over local devices, or the host's peak RSS where there is none."""
+    peaks = [s.get("peak_bytes_in_use", 0) for s in
+             (d.memory_stats() for d in jax.local_devices()) if s]
+    if peaks:
+        return int(max(peaks)), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """orbax CheckpointManager over (train state, data-iterator state) pairs."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                             item_names=("state", "data"))
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            force=True)
+
+    def restore_latest(self, abstract_state, log: Callable[[str], None]):
+        """(step, state, data_state) of the newest readable checkpoint, or None.
+
+        A checkpoint that fails to load (a partial write, a corrupted file) is reported and
+        the one before it is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
+                log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: "
+                    f"{str(e)[:200]}); trying the one before")
+                continue
+            return step, out["state"], out["data"]
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard, on process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "done" | "preempted" | "nonfinite" | "stopped"
+    step: int  # steps completed (the state's step)
+    last_checkpoint: int | None
+    losses: dict[int, float]  # step -> loss of every step this call ran
+
+
+class _StopRun(Exception):
+    pass
+
+
+def _global_batch(local: dict, sharding, global_shape, rows):
+    lo = rows[0]
+
+    def build(arr):
+        def cb(index):
+            r = index[0]
+            start, stop, _ = r.indices(global_shape[0])
+            return arr[start - lo: stop - lo][(slice(None),) + tuple(index[1:])]
+
+        return jax.make_array_from_callback(global_shape, sharding, cb)
+
+    return {k: build(v) for k, v in local.items()}
+
+
+def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None] | None = None,
+        log: Callable[[str], None] | None = None) -> RunResult:
+    """Train (or resume) under ``workdir``; see the module docstring.
+
+    ``callback(step, metrics)`` is called after every step with that step's float metrics
+    (for notebooks and tests). Returns how the run ended; a non-finite loss ends it with
+    status "nonfinite" and no checkpoint written after the last good one.
+    """
+    maybe_init_distributed(cfg.distributed)
+    is_main = jax.process_index() == 0
+    log = log or (lambda msg: print(f"[lasp2_jax] {msg}", flush=True) if is_main else None)
+    mesh = resolve_mesh(cfg)
+    validate(cfg, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
+    p_sh = param_shardings(cfg.model, mesh, cfg.mesh.fsdp)
+    shardings = state_shardings(tx, p_sh, cfg.model, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(lambda: init_state(cfg, tx, shardings)), shardings)
+
+    ckpt = Checkpointer(os.path.join(workdir, "ckpt"), cfg.checkpoint)
+    restored = ckpt.restore_latest(abstract, log) if cfg.checkpoint.restore else None
+    data_sharding = NamedSharding(mesh, PartitionSpec("dp", "sp"))
+    global_shape = (cfg.data.batch_size, cfg.data.seq_len)
+    rows = data_lib.process_rows(data_sharding, global_shape)
+    batches = data_lib.BatchIterator(cfg.data, rows, shift=cfg.objective == "causal_lm")
+    if restored is None:
+        state, start, last_ckpt = init_state(cfg, tx, shardings), 0, None
+    else:
+        start, state, data_state = restored
+        batches.set_state(data_state)
+        last_ckpt = start
+        log(f"resumed from step {start}")
+
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len,
+                          matmul_param_count(abstract["params"], cfg.model))
+    peak = peak_flops_per_device(cfg)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    log(f"model: {n_params / 1e6:.2f}M params, layers {list(cfg.model.layer_mixers)}; mesh "
+        f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "
+        f"{jax.process_count()} process(es); steps {start} -> {cfg.steps}")
+    if start == 0 and is_main and cfg.data.source != "tokens":
+        log(f"data unigram entropy: {data_lib.unigram_entropy(batches.windows.stream):.3f} "
+            f"nats/token (the loss of a context-free model)")
+
+    step_fn = make_train_step(cfg, tx, schedule, mesh, shardings)
+    writer = MetricsWriter(workdir, is_main)
+    stop = {"signal": False}
+    prev_handler = None
+    try:
+        prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    except ValueError:  # not the main thread: no signal handling
+        pass
+    bar = None
+    if cfg.progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    status, losses = "done", {}
+    pending = None  # (step, metrics) dispatched but not yet checked: keeps the device busy
+    t_last, step_last = time.perf_counter(), start
+
+    def check(p):
+        """Fetch a step's metrics; a non-finite loss or gradient stops the run."""
+        step_done, m = p
+        vals = {k: float(v) for k, v in m.items()}
+        losses[step_done] = vals["loss"]
+        if not (math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])):
+            raise _StopRun("nonfinite", step_done, vals)
+        if callback is not None:
+            callback(step_done, vals)
+        return vals
+
+    step = start
+    try:
+        while step < cfg.steps:
+            local = next(batches)
+            data_state = batches.get_state()
+            state, metrics = step_fn(state, _global_batch(local, data_sharding, global_shape,
+                                                          rows))
+            if pending is not None:
+                check(pending)
+            step += 1
+            pending = (step, metrics)
+            if bar is not None:
+                bar.update(1)
+            stop_now = stop["signal"]
+            if jax.process_count() > 1:  # every process must agree to stop at the same step
+                from jax.experimental import multihost_utils
+
+                stop_now = bool(np.any(multihost_utils.process_allgather(np.array(stop_now))))
+            is_last = step == cfg.steps or stop_now
+            if step % cfg.log_every == 0 or is_last:
+                vals = check(pending)
+                pending = None
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                mem, mem_kind = peak_memory_bytes()
+                row = dict(loss=vals["loss"], grad_norm=vals["grad_norm"], lr=vals["lr"],
+                           tokens_per_s=tps,
+                           mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
+                           **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
+                writer.write(step, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{vals['loss']:.3f}", tok_s=f"{tps:.0f}")
+            if step % cfg.checkpoint.every == 0 or is_last:
+                if pending is not None:  # never save a state whose update saw a NaN
+                    check(pending)
+                    pending = None
+                ckpt.save(step, state, data_state)
+                last_ckpt = step
+            if stop_now:
+                status = "preempted"
+                log(f"SIGTERM: saved step {step}, exiting")
+                break
+        if pending is not None:
+            check(pending)
+    except _StopRun as e:
+        _, bad_step, vals = e.args
+        status = "nonfinite"
+        log(f"non-finite loss {vals['loss']} (grad norm {vals['grad_norm']}) at step "
+            f"{bad_step}: stopping; last good checkpoint: step {last_ckpt}")
+        step = bad_step
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+        if prev_handler is not None:
+            signal.signal(signal.SIGTERM, prev_handler)
+    return RunResult(status, step, last_ckpt, losses)
+
