@@ -57,22 +57,38 @@ def local_segment(backend: Backend, scale: float, chunk_size: int, q, k, v, g, s
     return o.astype(q.dtype), s_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def lasp2_causal(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final):
+def gather_states(x, axis_name, splits: int = 1):
+    """All-gather x [..., Dk, Dv'] over ``axis_name`` -> [W, ..., Dk, Dv'].
+
+    ``splits`` > 1 sends it as that many gathers of Dk-row slices (the paper's Table 5
+    ablation); 1, the default, is the single all-gather of the method.
+    """
+    if splits == 1:
+        return jax.lax.all_gather(x, axis_name)
+    pieces = jnp.array_split(x, splits, axis=-2)
+    return jnp.concatenate([jax.lax.all_gather(p, axis_name) for p in pieces], axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def lasp2_causal(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
+                 gather_splits=1):
     """Causal LASP-2 on one rank. Returns (o [B, L, H, Dv], final state [B, H, Dk, Dv]).
 
     The final state is the same on every rank; its cotangent is summed over ranks, which
     matches how ``shard_map`` transposes a replicated output. The initial state's cotangent
     is returned on rank 0 only, so summing over ranks gives the total.
     """
-    out, _ = _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final)
+    out, _ = _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
+                               gather_splits)
     return out
 
 
-def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final):
+def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
+                      gather_splits):
     m, log_a = backend.state_summary(k, v, g)
     # One all-gather of the packed (M_r, Gamma_r): [W, B, H, Dk, Dv + 1].
-    gathered = jax.lax.all_gather(jnp.concatenate([m, log_a[..., None]], axis=-1), axis_name)
+    packed = jnp.concatenate([m, log_a[..., None]], axis=-1)
+    gathered = gather_states(packed, axis_name, gather_splits)
     decays, summaries = jnp.exp(gathered[..., -1]), gathered[..., :-1]
     rank = jax.lax.axis_index(axis_name)
     s_in, s_final = incoming_state(decays, summaries, s0.astype(_f32), rank)
@@ -82,16 +98,18 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     return (o, s_final), (pullback, decays, q, g)
 
 
-def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, res, cts):
+def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, res,
+                      cts):
     pullback, decays, q, g = res
     do, d_final = cts
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
     ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g), do.astype(_f32))
     if want_final:
-        gathered = jax.lax.all_gather(jnp.stack([ds, d_final.astype(_f32)]), axis_name)
+        gathered = gather_states(jnp.stack([ds, d_final.astype(_f32)]), axis_name, gather_splits)
         state_grads, final_grad = gathered[:, 0], jnp.sum(gathered[:, 1], axis=0)
     else:
-        state_grads, final_grad = jax.lax.all_gather(ds, axis_name), jnp.zeros_like(ds)
+        state_grads = gather_states(ds, axis_name, gather_splits)
+        final_grad = jnp.zeros_like(ds)
     rank = jax.lax.axis_index(axis_name)
     dm = outgoing_cotangent(decays, state_grads, final_grad, rank)
     dq, dk, dv, dg, ds_in = pullback((do, dm))

@@ -1,0 +1,249 @@
+"""Sequence-parallel attention benchmark: LASP-2 against LASP-1, linear attention over
+all-gathered K and V, and softmax Ring / all-gather (LASP-2H) attention; gather splits; and the
+share of the all-gather hidden behind the local attention.
+
+One layer shaped like Linear-Llama3-1B (H=16, D=128), bf16, causal, forward+backward medians.
+
+  python benchmarks/bench_sp.py --sp 4                     # on a 4-GPU machine
+  python benchmarks/bench_sp.py --quick                    # CPU dry run on 8 fake devices
+
+Writes benchmarks/results/sp_<card>_sp<W>.json and a PNG (tokens/s against length, like the
+paper's Figure 3) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+if "--quick" in sys.argv:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lasp2_jax  # noqa: E402
+from lasp2_jax.kernels import get_backend  # noqa: E402
+from lasp2_jax.parallel import lasp1_linear_attention, ring_softmax_attention  # noqa: E402
+from lasp2_jax.parallel.lasp2 import gather_states, lasp2_causal, local_segment  # noqa: E402
+
+QKV = P("dp", "sp", "tp", None)
+
+
+def timed(fn, *args, warmup=2, reps=5):
+    """Median wall time (ms) of a jitted function, synchronised on its outputs."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def fwd_bwd(attn):
+    """jit(grad) of <attn(q, k, v), w> with respect to q, k, v."""
+    def loss(q, k, v, w):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def lasp2_split(mesh, splits, backend):
+    """LASP-2 with its state gather sent as ``splits`` pieces (Table 5)."""
+    be = get_backend(backend)
+
+    def region(q, k, v):
+        s0 = jnp.zeros(q.shape[:1] + q.shape[2:3] + (q.shape[3], v.shape[3]), jnp.float32)
+        o, _ = lasp2_causal(q, k, v, None, s0, "sp", q.shape[3] ** -0.5, 64, be, False, splits)
+        return o
+
+    return jax.shard_map(region, mesh=mesh, in_specs=(QKV,) * 3, out_specs=QKV,
+                         check_vma=False)
+
+
+def allgather_kv_linear(mesh, backend):
+    """Baseline: every rank gathers all K, V and forms the state of its prefix itself."""
+    be = get_backend(backend)
+
+    def region(q, k, v):
+        L = q.shape[1]
+        rank = jax.lax.axis_index("sp")
+        k_all, v_all = (jax.lax.all_gather(x, "sp", axis=1, tiled=True) for x in (k, v))
+        before = (jnp.arange(k_all.shape[1]) < rank * L)[None, :, None, None]
+        s_in, _ = be.state_summary(jnp.where(before, k_all, 0), v_all, None)
+        o, _ = local_segment(be, q.shape[3] ** -0.5, 64, q, k, v, None, s_in)
+        return o
+
+    return jax.shard_map(region, mesh=mesh, in_specs=(QKV,) * 3, out_specs=QKV,
+                         check_vma=False)
+
+
+def methods(mesh, backend):
+    lin = dict(mesh=mesh, backend=backend)
+    return {
+        "lasp2": lambda q, k, v: lasp2_jax.linear_attention(q, k, v, **lin),
+        "lasp1": lambda q, k, v: lasp1_linear_attention(q, k, v, **lin),
+        "allgather_kv_linear": allgather_kv_linear(mesh, backend),
+        "softmax_allgather": lambda q, k, v: lasp2_jax.softmax_attention(q, k, v, mesh=mesh),
+        "softmax_ring": lambda q, k, v: ring_softmax_attention(q, k, v, mesh=mesh),
+    }
+
+
+def overlap_report(mesh, q, k, v, backend, hlo_path):
+    """Share of the state all-gather hidden behind the local attention.
+
+    t_local: the same per-device work with no communication; t_gather: the gather alone;
+    t_lasp2: both. Hidden share = (t_local + t_gather - t_lasp2) / t_gather, in [0, 1].
+    Also saves the scheduled HLO and lists what runs between all-gather-start and -done.
+    """
+    be = get_backend(backend)
+    W = mesh.shape["sp"]
+    scale = q.shape[3] ** -0.5
+
+    def local_only(q, k, v):
+        s0 = jnp.zeros(q.shape[:1] + q.shape[2:3] + (q.shape[3], v.shape[3]), jnp.float32)
+        m, _ = be.state_summary(k, v, None)
+        o, _ = local_segment(be, scale, 64, q, k, v, None, s0 + 0 * m)
+        return o
+
+    def gather_only(q, k, v):
+        m, log_a = be.state_summary(k, v, None)
+        packed = jnp.concatenate([m, log_a[..., None]], axis=-1)
+        return gather_states(packed, "sp")[..., :1, :1, 0]
+
+    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=(QKV,) * 3, check_vma=False)
+    f_local = jax.jit(smap(local_only, out_specs=QKV))
+    f_gather = jax.jit(smap(gather_only, out_specs=P("sp")))
+    f_lasp2 = jax.jit(lambda q, k, v: lasp2_jax.linear_attention(q, k, v, mesh=mesh,
+                                                                  backend=backend))
+    t_local, t_gather, t_lasp2 = (timed(f, q, k, v) for f in (f_local, f_gather, f_lasp2))
+    hidden = (t_local + t_gather - t_lasp2) / t_gather if W > 1 else 0.0
+    hlo = f_lasp2.lower(q, k, v).compile().as_text()
+    with open(hlo_path, "w") as f:
+        f.write(hlo)
+    between = []
+    lines = hlo.splitlines()
+    start = [i for i, line in enumerate(lines) if re.search(r"all-gather-start\(", line)]
+    done = [i for i, line in enumerate(lines) if re.search(r"all-gather-done\(", line)]
+    if start and done:
+        for line in lines[start[0] + 1:done[0]]:
+            m = re.search(r"= \S+ (\w[\w-]*)\(", line)
+            if m:
+                between.append(m.group(1))
+    return dict(t_local_ms=t_local, t_gather_ms=t_gather, t_lasp2_ms=t_lasp2,
+                hidden_share=float(np.clip(hidden, 0.0, 1.0)),
+                ops_between_gather_start_and_done=between[:40],
+                n_ops_between=len(between))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sp", type=int, default=None, help="default: all devices")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--lengths", default="65536,131072,262144,524288,1048576")
+    ap.add_argument("--softmax-max", type=int, default=262144,
+                    help="longest sequence for the (quadratic) softmax methods")
+    ap.add_argument("--splits", default="1,4,16,64")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new cases after")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU dry run")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    if args.quick:
+        args.heads, args.dim, args.lengths, args.softmax_max = 4, 16, "256,512", 512
+        args.splits = "1,4"
+    os.makedirs(args.out, exist_ok=True)
+    W = args.sp or jax.device_count()
+    mesh = lasp2_jax.make_mesh(sp=W, devices=jax.devices()[:W])
+    card = jax.devices()[0].device_kind
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    print(f"# {card} x{W}, jax {jax.__version__}, backend {args.backend}, H={args.heads}, "
+          f"D={args.dim}, {jnp.dtype(dtype).name}", flush=True)
+    t_start = time.time()
+    rows, rng = [], np.random.default_rng(0)
+    lengths = [int(x) for x in args.lengths.split(",")]
+
+    def inputs(T):
+        shape = (1, T, args.heads, args.dim)
+        q, k, v, w = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
+        return q, k, v, w
+
+    overlap = None
+    for T in lengths:
+        if time.time() - t_start > args.budget_s:
+            print(f"budget reached, skipping T={T} and longer", flush=True)
+            break
+        q, k, v, w = inputs(T)
+        cases = dict(methods(mesh, args.backend))
+        for n in [int(s) for s in args.splits.split(",")]:
+            if n > 1:
+                cases[f"lasp2_split{n}"] = lasp2_split(mesh, n, args.backend)
+        for name, attn in cases.items():
+            if name.startswith("softmax") and T > args.softmax_max:
+                continue
+            try:
+                ms = timed(fwd_bwd(attn), q, k, v, w)
+            except Exception as e:  # out of memory at the longest lengths
+                print(f"T={T} {name}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+                continue
+            rows.append(dict(method=name, T=T, sp=W, fwd_bwd_ms=ms, tokens_per_s=T / ms * 1e3))
+            print(f"T={T:>8} {name:<22} {ms:10.2f} ms  {T / ms * 1e3:14.0f} tok/s", flush=True)
+        if overlap is None:
+            tag = card.replace(" ", "_")
+            overlap = overlap_report(mesh, q, k, v, args.backend,
+                                     os.path.join(args.out, f"sp_{tag}_sp{W}_hlo.txt"))
+            overlap["T"] = T
+            summary = {k: v for k, v in overlap.items() if k.startswith(("t_", "hidden"))}
+            print(f"overlap at T={T}: {json.dumps(summary)}", flush=True)
+
+    tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
+    result = dict(card=card, devices=W, jax=jax.__version__, heads=args.heads, dim=args.dim,
+                  dtype=jnp.dtype(dtype).name, rows=rows, overlap=overlap)
+    with open(os.path.join(args.out, tag + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
+    _table(rows)
+
+
+def _plot(rows, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r["method"] for r in rows}):
+        pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["method"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+           ylabel="tokens/s (fwd+bwd, one layer)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _table(rows):
+    names = sorted({r["method"] for r in rows})
+    lengths = sorted({r["T"] for r in rows})
+    print("\nfwd+bwd ms    " + "".join(f"{n:>22}" for n in names))
+    for T in lengths:
+        cells = []
+        for n in names:
+            ms = [r["fwd_bwd_ms"] for r in rows if r["T"] == T and r["method"] == n]
+            cells.append(f"{ms[0]:22.2f}" if ms else f"{'-':>22}")
+        print(f"T={T:<10} " + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()
