@@ -286,6 +286,11 @@ def apply_mask(batch, step, cfg: TrainConfig):
     return dict(batch, inputs=inputs, weights=masked.astype(jnp.float32))
 
 
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
     model = LinearLlama3(cfg.model, mesh=mesh)
 
@@ -303,7 +308,7 @@ def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(loss=loss, grad_norm=_global_norm(grads),
                        lr=schedule(state["step"]), scored_tokens=count)
         return dict(step=state["step"] + 1, params=params, opt_state=opt_state), metrics
 
@@ -394,6 +399,7 @@ class Checkpointer:
         A checkpoint that fails to load (a partial write, a corrupted file) is reported and
         the one before it is tried.
         """
+        unreadable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
@@ -402,9 +408,17 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means: try an older one
                 log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: "
                     f"{str(e)[:200]}); trying the one before")
+                unreadable.append(step)
                 continue
-            return step, out["state"], out["data"]
-        return None
+            break
+        else:
+            step = None
+        # The run will pass these steps again and save them anew.
+        for bad in unreadable:
+            self.manager.delete(bad)
+        if step is None:
+            return None
+        return step, out["state"], out["data"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
