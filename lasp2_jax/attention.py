@@ -64,6 +64,12 @@ def _check_state(initial_state, batch, heads, dk, dv):
                          f"[B, H, Dk, Dv] = {(batch, heads, dk, dv)}")
 
 
+def _check_decay_is_causal(log_decay, causal):
+    if not causal and log_decay is not None:
+        raise ValueError("log_decay requires causal=True: a bidirectional state has no order "
+                         f"to decay along (got log_decay of shape {tuple(jnp.shape(log_decay))})")
+
+
 def _check_chunk(chunk_size):
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
@@ -77,9 +83,7 @@ def _linear_local(method, q, k, v, log_decay, *, causal, scale, axis_name, chunk
     _check_chunk(chunk_size)
     B, T, H, Dk = q.shape
     Dv = v.shape[3]
-    if not causal and log_decay is not None:
-        raise ValueError("log_decay requires causal=True: a bidirectional state has no order "
-                         f"to decay along (got log_decay of shape {tuple(jnp.shape(log_decay))})")
+    _check_decay_is_causal(log_decay, causal)
     g = canonical_log_decay(log_decay, B, T, H, Dk)
     _check_state(initial_state, B, H, Dk, Dv)
     scale = Dk ** -0.5 if scale is None else float(scale)
@@ -114,8 +118,7 @@ def _linear_global(method, q, k, v, *, log_decay, causal, scale, mesh, chunk_siz
     _check_qkv(q, k, v)
     _check_mesh(mesh, q, k)
     B, T, H, Dk = q.shape
-    if not causal and log_decay is not None:
-        raise ValueError("log_decay requires causal=True")
+    _check_decay_is_causal(log_decay, causal)
     # [H] is broadcast to [B, T, H] here so that every decay form shards like q.
     g = canonical_log_decay(log_decay, B, T, H, Dk)
     _check_state(initial_state, B, H, Dk, v.shape[3])
