@@ -29,9 +29,12 @@ def build_config(gin_files, gin_params) -> train.TrainConfig:
     """Parse gin files and bindings into a TrainConfig (each section bound separately)."""
     # `include "configs/x.gin"` resolves from the repository root, wherever we run from.
     gin.add_config_file_search_path(HERE)
-    gin.parse_config_files_and_bindings(gin_files, gin_params)
-    sections = {name: CONFIGURABLES[cls.__name__]() for name, cls in SECTIONS.items()}
-    return CONFIGURABLES["TrainConfig"](**sections)
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_params)
+        sections = {name: CONFIGURABLES[cls.__name__]() for name, cls in SECTIONS.items()}
+        return CONFIGURABLES["TrainConfig"](**sections)
+    except (ValueError, TypeError, OSError) as e:  # unknown names, bad syntax, missing files
+        raise train.ConfigError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -58,4 +61,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except train.ConfigError as e:  # a bad setting: its message, not a traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

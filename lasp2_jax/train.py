@@ -33,6 +33,10 @@ from lasp2_jax.models.layers import constrain
 OBJECTIVES = ("causal_lm", "masked_lm")
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before anything is compiled or written."""
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -497,8 +501,11 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     maybe_init_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(f"[lasp2_jax] {msg}", flush=True) if is_main else None)
-    mesh = resolve_mesh(cfg)
-    validate(cfg, mesh)
+    try:
+        mesh = resolve_mesh(cfg)
+        validate(cfg, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -578,6 +585,11 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
             pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
+            if step == start + 1 and step % cfg.log_every and step < cfg.steps:
+                # Time from the end of the first step: tokens/s and MFU exclude compilation.
+                check(pending)
+                pending = None
+                t_last, step_last = time.perf_counter(), step
             stop_now = stop["signal"]
             if jax.process_count() > 1:  # every process must agree to stop at the same step
                 from jax.experimental import multihost_utils
@@ -592,7 +604,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                 t_last, step_last = now, step
                 mem, mem_kind = peak_memory_bytes()
                 row = dict(loss=vals["loss"], grad_norm=vals["grad_norm"], lr=vals["lr"],
-                           tokens_per_s=tps,
+                           tokens_per_s=tps, step_time_s=tokens_per_step / tps,
                            mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
                            **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
                 writer.write(step, row)

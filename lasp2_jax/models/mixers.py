@@ -7,7 +7,8 @@ mixers hold no parallel code.
 
 Packed documents: a linear mixer turns segment ids into a state reset (log decay -inf at each
 document's first token), combined with its own decay; softmax attention masks across
-documents with the segment ids directly.
+documents with the segment ids directly. Bidirectional models ignore segment ids: a reset has
+no meaning without an order, so the whole window is one sequence (RoBERTa-style packing).
 """
 
 from __future__ import annotations
@@ -282,8 +283,9 @@ class SoftmaxAttention(_Mixer):
         q = rope(self.heads(x, H, Dh, "q"), positions, c.rope_theta)
         k = rope(self.heads(x, Hkv, Dh, "k", kv=True), positions, c.rope_theta)
         v = self.heads(x, Hkv, Dh, "v", kv=True)
+        # Bidirectional models treat the window as one sequence, as the linear mixers must.
         o = lasp2_jax.softmax_attention(q, k, v, causal=c.causal, mesh=self.mesh,
-                                        segment_ids=segment_ids)
+                                        segment_ids=segment_ids if c.causal else None)
         return self.output(x, o, norm=False)
 
 
