@@ -558,6 +558,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
 
     status, losses = "done", {}
+    window = []  # losses since the last log line: the logged loss is their mean
     pending = None  # (step, metrics) dispatched but not yet checked: keeps the device busy
     t_last, step_last = time.perf_counter(), start
 
@@ -566,6 +567,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
         step_done, m = p
         vals = {k: float(v) for k, v in m.items()}
         losses[step_done] = vals["loss"]
+        window.append(vals["loss"])
         if not (math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])):
             raise _StopRun("nonfinite", step_done, vals)
         if callback is not None:
@@ -603,13 +605,14 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                 tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
                 mem, mem_kind = peak_memory_bytes()
-                row = dict(loss=vals["loss"], grad_norm=vals["grad_norm"], lr=vals["lr"],
+                row = dict(loss=float(np.mean(window)), grad_norm=vals["grad_norm"], lr=vals["lr"],
                            tokens_per_s=tps, step_time_s=tokens_per_step / tps,
                            mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
                            **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
+                window.clear()
                 writer.write(step, row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{vals['loss']:.3f}", tok_s=f"{tps:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
             if step % cfg.checkpoint.every == 0 or is_last:
                 if pending is not None:  # never save a state whose update saw a NaN
                     check(pending)
