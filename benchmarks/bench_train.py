@@ -1,0 +1,164 @@
+"""Training-step benchmark of Linear-Llama3-1B (pure and 1/4 hybrid) under LASP-2.
+
+Like the paper's Table 6: tokens/s, tokens/s per GPU, MFU and peak memory per GPU for one
+sequence (batch 1) split over SP devices, from 16K tokens up to the longest that fits; and
+weak scaling (SP = 1, 2, 4 at a fixed length per GPU). Random tokens, one document per
+sequence; the full AdamW step (forward, backward, update) is timed.
+
+  python benchmarks/bench_train.py --sp 4 --models pure,hybrid
+  python benchmarks/bench_train.py --quick              # CPU dry run, tiny model
+
+Writes benchmarks/results/train_<card>.json and .png, and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+if "--quick" in sys.argv:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lasp2_jax import train as T  # noqa: E402
+from lasp2_jax.models import ModelConfig  # noqa: E402
+
+LLAMA3_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=16, mlp_dim=8192,
+                 output_norm=True, dtype="bfloat16", param_dtype="float32", remat="full",
+                 chunk_size=64)
+# The 1/4 hybrid: every 4th layer softmax attention, GQA with 2 query heads per kv head.
+VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_every=4)}
+TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
+
+
+def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int):
+    """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
+    cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1), steps=10,
+                        ce_chunks=ce_chunks, progress=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len,
+                                                            batch_size=1))
+    mesh = T.make_mesh(dp=1, sp=sp, tp=1, devices=jax.devices()[:sp])
+    T.validate(cfg, mesh)
+    tx, schedule = T.make_optimizer(cfg.optimizer, cfg.steps)
+    shardings = T.state_shardings(tx, T.param_shardings(mcfg, mesh), mcfg, mesh)
+    state = T.init_state(cfg, tx, shardings)
+    step_fn = T.make_train_step(cfg, tx, schedule, mesh, shardings)
+    data_sh = NamedSharding(mesh, PartitionSpec("dp", "sp"))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, mcfg.vocab_size, (1, seq_len + 1), dtype=np.int32)
+    batch = dict(inputs=jax.device_put(tokens[:, :-1], data_sh),
+                 targets=jax.device_put(tokens[:, 1:], data_sh),
+                 weights=jax.device_put(np.ones((1, seq_len), np.float32), data_sh),
+                 segment_ids=None)
+    for _ in range(2):  # compile and warm up
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    n_mm = T.matmul_param_count(state["params"], mcfg)
+    fpt = T.flops_per_token(mcfg, seq_len, n_mm)
+    peak = T.peak_flops_per_device(cfg)
+    mem, kind = T.peak_memory_bytes()
+    tps = seq_len / dt
+    return dict(sp=sp, seq_len=seq_len, step_s=dt, tokens_per_s=tps, tokens_per_s_per_gpu=tps / sp,
+                mfu=fpt * tps / (peak * sp) if peak else None, peak_memory_gb=mem / 1e9,
+                memory_kind=kind, loss=float(metrics["loss"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sp", type=int, default=None, help="default: all devices")
+    ap.add_argument("--models", default="pure,hybrid")
+    ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
+    ap.add_argument("--weak-per-gpu", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    base = dict(TINY) if args.quick else dict(LLAMA3_1B)
+    if args.quick:
+        args.lengths, args.weak_per_gpu = "256,1024", 128
+    W = args.sp or jax.device_count()
+    card = jax.devices()[0].device_kind
+    os.makedirs(args.out, exist_ok=True)
+    print(f"# {card} x{W}, jax {jax.__version__}", flush=True)
+    t_start, rows = time.time(), []
+
+    def run(model, sp, seq_len, study):
+        if time.time() - t_start > args.budget_s:
+            print(f"budget reached: skip {model} sp={sp} T={seq_len}", flush=True)
+            return False
+        variant = dict(VARIANTS[model])
+        if model == "hybrid":
+            variant["n_kv_heads"] = base["n_heads"] // 2
+        mcfg = ModelConfig(**base, **variant)
+        try:
+            row = measure(mcfg, sp, seq_len, ce_chunks=max(1, seq_len // 16384), steps=args.steps)
+        except Exception as e:  # out of memory: the previous length was the longest
+            print(f"{model} sp={sp} T={seq_len}: failed ({type(e).__name__}: {str(e)[:160]})",
+                  flush=True)
+            return False
+        row.update(model=model, study=study)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return True
+
+    for model in args.models.split(","):
+        for sp in sorted({1, 2, W} if W >= 2 else {1}):
+            run(model, sp, args.weak_per_gpu * sp, "weak")
+        for seq_len in [int(x) for x in args.lengths.split(",")]:
+            if seq_len % W or not run(model, W, seq_len, "length"):
+                break
+
+    tag = f"train_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
+    with open(os.path.join(args.out, tag + ".json"), "w") as f:
+        json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
+    _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
+    print(f"\n{'model':<8}{'study':<8}{'sp':>4}{'tokens':>10}{'tok/s':>12}{'tok/s/gpu':>12}"
+          f"{'MFU':>8}{'mem GB':>9}")
+    for r in rows:
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+        print(f"{r['model']:<8}{r['study']:<8}{r['sp']:>4}{r['seq_len']:>10}"
+              f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
+              f"{r['peak_memory_gb']:>9.2f}")
+
+
+def _plot(rows, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in sorted({r["model"] for r in rows}):
+        pts = sorted((r["seq_len"], r["tokens_per_s"], r["peak_memory_gb"]) for r in rows
+                     if r["model"] == model and r["study"] == "length")
+        if pts:
+            x, tps, mem = zip(*pts)
+            axes[0].plot(x, tps, marker="o", label=model)
+            axes[1].plot(x, mem, marker="o", label=model)
+    axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s", title=title)
+    axes[1].set(xscale="log", xlabel="sequence length", ylabel="peak memory per GPU (GB)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
