@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -22,11 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lasp2_jax import data as data_lib
+from lasp2_jax.checkpoint import Checkpointer
 from lasp2_jax.mesh import logical_axis_rules, logical_to_spec, make_mesh
+from lasp2_jax.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    matmul_param_count,
+    peak_flops_per_device,
+    peak_memory_bytes,
+)
 from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
 from lasp2_jax.models.layers import constrain
 
@@ -319,148 +325,6 @@ def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
     return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=(0,))
 
 
-# --------------------------------------------------------------------------- FLOPs, MFU
-
-
-_PEAK_FLOPS = (  # dense bf16 per device, by device_kind substring
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12), ("TPU v6", 918e12),
-)
-
-
-def peak_flops_per_device(cfg: TrainConfig) -> float | None:
-    if cfg.peak_flops:
-        return cfg.peak_flops
-    kind = jax.devices()[0].device_kind
-    return next((f for name, f in _PEAK_FLOPS if name in kind), None)
-
-
-def mixer_dims(mcfg: ModelConfig, mixer: str) -> tuple[int, int]:
-    """(Dk, Dv) of the state a mixer carries per head."""
-    Dh = mcfg.dim_head
-    if mixer == "based":
-        F = mcfg.feature_dim
-        return 1 + F + F * (F + 1) // 2, Dh + 1
-    if mixer == "rebased":
-        return mcfg.feature_dim, Dh + 1
-    return Dh, Dh + int(mcfg.normalize and mixer in ("basic", "lightning", "retention"))
-
-
-def flops_per_token(mcfg: ModelConfig, seq_len: int, n_matmul_params: int) -> float:
-    """Training FLOPs per token: 6 N (matmul params) plus the attention (fwd + bwd = 3x fwd).
-
-    Linear layers, per head, per token, forward: the intra-chunk scores and their product
-    with v, 2 C (Dk + Dv), plus the state read and update, 4 Dk Dv. Softmax layers: 4 T Dh
-    for scores and values, halved when causal.
-    """
-    attn = 0.0
-    for mixer in mcfg.layer_mixers:
-        if mixer == "softmax":
-            attn += 4 * seq_len * mcfg.dim_head * mcfg.n_heads * (0.5 if mcfg.causal else 1.0)
-        else:
-            dk, dv = mixer_dims(mcfg, mixer)
-            attn += mcfg.n_heads * (2 * mcfg.chunk_size * (dk + dv) + 4 * dk * dv)
-    return 6.0 * n_matmul_params + 3.0 * attn
-
-
-def matmul_param_count(params, mcfg: ModelConfig) -> int:
-    """Params that take part in a matmul per token: all but the input embedding (a gather)."""
-    total = sum(x.size for x in jax.tree.leaves(params))
-    if not mcfg.tie_embeddings:
-        total -= params["embed"]["embedding"].size
-    return int(total)
-
-
-def peak_memory_bytes() -> tuple[int, str]:
-    """Peak device memory over local devices, or the host's peak RSS where there is none."""
-    peaks = [s.get("peak_bytes_in_use", 0) for s in
-             (d.memory_stats() for d in jax.local_devices()) if s]
-    if peaks:
-        return int(max(peaks)), "device"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-class Checkpointer:
-    """orbax CheckpointManager over (train state, data-iterator state) pairs."""
-
-    def __init__(self, directory: str, cfg: CheckpointConfig):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, create=True, enable_async_checkpointing=cfg.async_save)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                             item_names=("state", "data"))
-
-    def save(self, step: int, state, data_state: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=True)
-
-    def restore_latest(self, abstract_state, log: Callable[[str], None]):
-        """(step, state, data_state) of the newest readable checkpoint, or None.
-
-        A checkpoint that fails to load (a partial write, a corrupted file) is reported and
-        the one before it is tried.
-        """
-        unreadable = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
-                log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: "
-                    f"{str(e)[:200]}); trying the one before")
-                unreadable.append(step)
-                continue
-            break
-        else:
-            step = None
-        # The run will pass these steps again and save them anew.
-        for bad in unreadable:
-            self.manager.delete(bad)
-        if step is None:
-            return None
-        return step, out["state"], out["data"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class MetricsWriter:
-    """metrics.jsonl + TensorBoard, on process 0 only."""
-
-    def __init__(self, workdir: str, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -517,7 +381,8 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(lambda: init_state(cfg, tx, shardings)), shardings)
 
-    ckpt = Checkpointer(os.path.join(workdir, "ckpt"), cfg.checkpoint)
+    ckpt = Checkpointer(os.path.join(workdir, "ckpt"), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
     restored = ckpt.restore_latest(abstract, log) if cfg.checkpoint.restore else None
     data_sharding = NamedSharding(mesh, PartitionSpec("dp", "sp"))
     global_shape = (cfg.data.batch_size, cfg.data.seq_len)
@@ -534,7 +399,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len,
                           matmul_param_count(abstract["params"], cfg.model))
-    peak = peak_flops_per_device(cfg)
+    peak = peak_flops_per_device(cfg.peak_flops)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     log(f"model: {n_params / 1e6:.2f}M params, layers {list(cfg.model.layer_mixers)}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lasp2_jax import metrics as M
 from lasp2_jax import train as T
 from lasp2_jax.data import DataConfig
 from lasp2_jax.models import ModelConfig
@@ -148,11 +149,11 @@ def test_mfu_flops_count():
     mc = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, mlp_dim=128)
     params = jax.tree.map(lambda x: x.value, T.abstract_params(mc),
                           is_leaf=lambda x: hasattr(x, "names"))
-    n = T.matmul_param_count(params, mc)
+    n = M.matmul_param_count(params, mc)
     per_layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64 + 16  # attn, mlp, norms, head norm
     assert n == 2 * per_layer + 64 + 64 * 1000
     attn = 4 * (2 * 64 * (16 + 16) + 4 * 16 * 16)
-    assert T.flops_per_token(mc, 512, n) == 6 * n + 3 * 2 * attn
+    assert M.flops_per_token(mc, 512, n) == 6 * n + 3 * 2 * attn
 
 
 @pytest.mark.parametrize("kw,needle", [

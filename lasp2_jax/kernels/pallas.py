@@ -97,7 +97,7 @@ def _plan(B: int, T: int, H: int, Dk: int, Dv: int, mode: str, chunk_size: int,
 def _decay_tables(g, plan: _Plan):
     """Chunk-local (bf, cnt) of the module docstring of pallas_forward, and the segment totals.
 
-    g: [B, T, H] or [B, T, H, Dk] padded. Returns bf, cnt in g's layout and A [B, H, S, Dk, 1]
+    g: [B, T, H] or [B, T, H, Dk] padded. Returns bf, cnt in g's layout and A [B, H, S, Dk]
     (the factor exp(sum of g over the segment), exactly 0 across a reset).
     """
     reset = g < RESET_LOG_DECAY
@@ -116,34 +116,7 @@ def _decay_tables(g, plan: _Plan):
     a = jnp.where(any_reset, 0.0, jnp.exp(total))  # [B, S, H(, Dk)]
     if a.ndim == 3:
         a = jnp.broadcast_to(a[..., None], (*a.shape, plan.dk))
-    return bf, cnt, jnp.moveaxis(a, 1, 2)[..., None]
-
-
-def _combine(earlier, later):
-    a1, m1 = earlier
-    a2, m2 = later
-    return a1 * a2, a2 * m1 + m2
-
-
-def _states_entering(a, m, s0):
-    """Exclusive scan over segments: the state entering each one.
-
-    a [B, H, S, Dk, 1] segment decays; m [B, H, S, Dk, Dv] summaries; s0 the initial state.
-    """
-    if m.shape[2] == 1:
-        return s0[:, :, None]
-    decays = jnp.concatenate([jnp.ones_like(a[:, :, :1]), a[:, :, :-1]], axis=2)
-    sums = jnp.concatenate([s0[:, :, None], m[:, :, :-1]], axis=2)
-    return jax.lax.associative_scan(_combine, (decays, sums), axis=2)[1]
-
-
-def _cotangents_leaving(a, dm, dst):
-    """Reverse exclusive scan: the cotangent of the state leaving each segment."""
-    if dm.shape[2] == 1:
-        return dst[:, :, None]
-    decays = jnp.concatenate([a[:, :, 1:], jnp.ones_like(a[:, :, :1])], axis=2)
-    sums = jnp.concatenate([dm[:, :, 1:], dst[:, :, None]], axis=2)
-    return jax.lax.associative_scan(_combine, (decays, sums), axis=2, reverse=True)[1]
+    return bf, cnt, jnp.moveaxis(a, 1, 2)
 
 
 def _prepare(q, k, v, g, s0, plan: _Plan):
@@ -151,7 +124,8 @@ def _prepare(q, k, v, g, s0, plan: _Plan):
     v = _pad_axis(_pad_axis(v, 1, plan.t_pad), 3, plan.dv)
     s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
     if g is None:
-        return q, k, v, None, None, None, s0
+        a = jnp.ones((q.shape[0], q.shape[2], plan.segments, plan.dk), _f32)
+        return q, k, v, None, None, a, s0
     g = _pad_axis(g, 1, plan.t_pad)
     if g.ndim == 4:
         g = _pad_axis(g, 3, plan.dk)
@@ -167,14 +141,12 @@ def _forward(q, k, v, g, s0, scale: float, plan: _Plan):
         m = pallas_forward.segment_summary(
             k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
             block_sizes=plan.fwd, reverse=False, side="k", scale=1.0)
-        a_ = a if a is not None else jnp.ones(m.shape[:4] + (1,), _f32)
-        s_in = _states_entering(a_, m, s0)
     else:
-        s_in = s0[:, :, None]
-    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, s_in, mode=plan.mode,
+        m = jnp.zeros((B, H, 1, plan.dk, plan.dv), _f32)
+    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, s0, m, a, mode=plan.mode,
                                               scale=scale, block_sizes=plan.fwd,
                                               out_dtype=q.dtype)
-    residuals = (q, k, v, bf, cnt, a, s_in, final)
+    residuals = (q, k, v, bf, cnt, a, s0, m, final)
     return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
 
 
@@ -190,22 +162,20 @@ def _chunk_attention_fwd(q, k, v, g, s0, scale, plan):
 
 
 def _chunk_attention_bwd(scale, plan, res, cts):
-    q, k, v, bf, cnt, a, s_in, final = res
+    q, k, v, bf, cnt, a, s0, m, final = res
     T, H, Dk, Dv = plan.t, q.shape[2], plan.dk_in, plan.dv_in
     do, dst = cts
     do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
-    a_ = a if a is not None else jnp.ones(s_in.shape[:4] + (1,), _f32)
     if plan.segments > 1:
         dm = pallas_forward.segment_summary(
             q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
             block_sizes=plan.fwd, reverse=True, side="q", scale=scale)
-        dh_out = _cotangents_leaving(a_, dm, dst)
     else:
-        dh_out = dst[:, :, None]
+        dm = jnp.zeros_like(m)
     dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
-        q, k, v, do, bf, cnt, s_in, dh_out, mode=plan.mode, scale=scale, chunk=plan.chunk,
-        block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice)
+        q, k, v, do, bf, cnt, s0, m, dst, dm, a, mode=plan.mode, scale=scale,
+        chunk=plan.chunk, block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice)
     dg = None
     if plan.mode != NONE:
         # dL/db_t = q_t dq_t - k_t dk_t, plus sum_e S_T dS_T at the last token; dg_t sums

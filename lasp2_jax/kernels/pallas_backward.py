@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
+from lasp2_jax.kernels import pallas_forward
 from lasp2_jax.kernels.pallas_forward import (
-    DG_SPLIT,
     NONE,
     PER_DIM,
     SCALAR,
@@ -40,6 +40,8 @@ from lasp2_jax.kernels.pallas_forward import (
     mmx,
     pair_weights,
     pair_weights_dim,
+    segment_entry_state,
+    summary_specs,
     with_decay_refs,
 )
 
@@ -91,7 +93,8 @@ def _db_store(db_ref, sl, x, dx, mode: str):
 # dq: chunks in order, carrying the rows [block_k] of the state entering each chunk.
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_ref, *, c: int,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, dq_ref, db_ref,
+               *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
     def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -106,21 +109,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s_ref, dq_ref, db_r
             w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
             intra = jnp.sum(dp[:, :, None] * k.astype(_f32)[None, :, :] * w, axis=1)
         else:
-            intra = mm(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c).astype(k.dtype), k)
+            intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c), k.dtype, "dscores",
+                             split), k)
         dq = intra + inter
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         if mode != NONE:
             _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
-    lax.fori_loop(0, n_chunks, body, s_ref[...])
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
 # --------------------------------------------------------------------------------------------
 # dk: chunks in reverse, carrying the rows [block_k] of the cotangent of the leaving state.
 
 
-def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_ref, *, c: int,
+def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dk_ref, db_ref,
+               *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
     def body(i, dh):
         ci = n_chunks - 1 - i
@@ -136,22 +141,23 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dh_ref, dk_ref, db_
             w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
             intra = jnp.sum(dp[:, :, None] * q.astype(_f32)[:, None, :] * w, axis=0)
         else:
-            intra = mm(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c).astype(q.dtype), q,
-                       ta=True)
+            intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c), q.dtype, "dscores",
+                             split), q, ta=True)
         dk = intra + inter
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if mode != NONE:
             _db_store(db_ref, sl, k, dk, mode)
         return fa * dh + scale * mmx(_scaled(q, fq, split), do, ta=True)
 
-    lax.fori_loop(0, n_chunks, body, dh_ref[...])
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
 
 # --------------------------------------------------------------------------------------------
 # dv: chunks in reverse, carrying the columns [block_v] of the cotangent of the leaving state.
 
 
-def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dh_ref, dv_ref, ds0_ref, *, c: int,
+def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
+               c: int,
                n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
     def body(i, dh):
         ci = n_chunks - 1 - i
@@ -165,25 +171,27 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dh_ref, dv_ref, ds0_ref, *
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)
 
-    dh = lax.fori_loop(0, n_chunks, body, dh_ref[...])
+    dh = lax.fori_loop(0, n_chunks, body,
+                       segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
     @pl.when(pl.program_id(1) == 0)
     def _():
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chunk: int,
+def backward(q, k, v, do, bf, cnt, s0, m, dst, dm, a, *, mode: str, scale: float, chunk: int,
              block_sizes: BlockSizes, dim_slice: int):
     """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
     ([B, T, H, NK] partial sums for a scalar decay, [B, T, H, Dk] per dimension, None without
     decay) and the initial-state cotangent [B, H, Dk, Dv].
 
-    s_in [B, H, S, Dk, Dv]: the state entering each segment; dh_out [B, H, S, Dk, Dv]: the
-    cotangent of the state leaving each segment.
+    s0, m: the initial state [B, H, Dk, Dv] and the forward summaries [B, H, S, Dk, Dv];
+    dst, dm: the final-state cotangent and the backward summaries; a [B, H, S, Dk] the segment
+    decays. Each program folds them into the state (or cotangent) at its segment's boundary.
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
-    S = s_in.shape[2]
+    S = m.shape[2]
     L = T // S
     c = chunk
     bk = min(block_sizes.block_k, dk)
@@ -199,8 +207,6 @@ def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chu
         return pl.BlockSpec((None, L, None, d),
                                           (lambda bh, s, j: (bh // H, s, bh % H, j)) if col
                                           else (lambda bh, s, j: (bh // H, s, bh % H, 0)))
-    state_rows = pl.BlockSpec((None, None, None, bk, dv),
-                              lambda bh, s, j: (bh // H, bh % H, s, j, 0))
     dargs, dspecs = _decay_block_operands(bf, cnt, L, H, bk)
     if mode == SCALAR:
         db_shape = jax.ShapeDtypeStruct((B, T, H, nk), _f32)
@@ -224,22 +230,22 @@ def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chu
         return wrapped
 
     common = dict(c=c, n_chunks=L // c, mode=mode, scale=scale)
-    split = DG_SPLIT if mode != NONE else frozenset()
+    split = pallas_forward.DG_SPLIT if mode != NONE else frozenset()
     in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs]
     dq_kernel = outputs_kernel(with_decay_refs(
         functools.partial(_dq_kernel, **common, split=split), 4, has_decay))
     dq, *dbq = pl.pallas_call(
-        dq_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
+        dq_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, *summary_specs(H, S, bk, dv, True)],
         out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
         interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
-    )(q, k, v, do, *dargs, s_in)
+    )(q, k, v, do, *dargs, s0, m, a)
     dk_kernel = outputs_kernel(with_decay_refs(
         functools.partial(_dk_kernel, **common, split=split), 4, has_decay))
     dk_, *dbk = pl.pallas_call(
-        dk_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, state_rows],
+        dk_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, *summary_specs(H, S, bk, dv, True)],
         out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
         interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
-    )(q, k, v, do, *dargs, dh_out)
+    )(q, k, v, do, *dargs, dst, dm, a)
 
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
     dargs_v, dspecs_v = decay_operands(bf, cnt, L, H, dk)
@@ -249,12 +255,11 @@ def backward(q, k, v, do, bf, cnt, s_in, dh_out, *, mode: str, scale: float, chu
     dv_, ds0 = pl.pallas_call(
         dv_kernel, grid=(B * H, S, nv),
         in_specs=[seq(dk, False), seq(dk, False), vcol, *dspecs_v,
-                  pl.BlockSpec((None, None, None, dk, bv),
-                               lambda bh, s, j: (bh // H, bh % H, s, 0, j))],
+                  *summary_specs(H, S, dk, bv, row_block=False)],
         out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
                                       lambda bh, s, j: (bh // H, bh % H, 0, j))],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
                    jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
         compiler_params=params, interpret=interpret, name="lasp2_chunk_attention_bwd_dv",
-    )(q, k, do, *dargs_v, dh_out)
+    )(q, k, do, *dargs_v, dst, dm, a)
     return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0

@@ -62,11 +62,12 @@ def mm(a, b, *, ta: bool = False, tb: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=_f32)
 
 
-# The log-decay gradient is a difference of q*dq and k*dk sums (pallas_backward): in bf16 the
-# pair terms cancel only if the states and decayed q / k that the dq, dk and summary kernels
-# feed to their matmuls keep more than bf16's 8 bits. Those float32 intermediates enter as a
-# bf16 pair hi + lo (hi = bf16(x), lo = bf16(x - hi)): ~16 bits, at the cost of a second matmul.
-DG_SPLIT = frozenset({"state", "qk_decay"})
+# The log-decay gradient is a difference of q*dq and k*dk sums (pallas_backward): the pair
+# terms cancel, and what is left has a bf16 rounding error amplified by the cancellation,
+# unless the float32 intermediates that the dq, dk and summary kernels feed to their matmuls
+# (states, decayed q / k, weighted dP) keep more than bf16's 8 bits. With a decay they enter
+# as a bf16 pair hi + lo (hi = bf16(x), lo = bf16(x - hi)): ~16 bits, for a second matmul.
+DG_SPLIT = frozenset({"state", "qk_decay", "dscores"})
 
 
 def lowp(x, dtype, name: str, split: frozenset = frozenset()):
@@ -241,12 +242,44 @@ def decay_operands(bf, cnt, L: int, H: int, dk: int):
     return [bf, cnt], [spec, spec]
 
 
+def segment_entry_state(s0_ref, m_ref, a_ref, reverse: bool = False):
+    """LASP-2 step 4 across the programs of a device, done by each program for itself.
+
+    Forward: the state entering segment s, folding (A_u, M_u) for u < s onto the initial state
+    with S <- diag(A_u) S + M_u. Reverse (backward): the cotangent of the state leaving segment
+    s, folding (A_u, dM_u) for u > s from the last segment down onto dS_T. The summaries are a
+    few [Dk, Dv] tiles per head, read from L2: cheaper than a separate scan launch.
+    m_ref [S, rows, cols], a_ref [S, rows], s0_ref [rows, cols].
+    """
+    s, n_seg = pl.program_id(1), pl.num_programs(1)
+
+    def body(i, st):
+        u = n_seg - 1 - i if reverse else i
+        return a_ref[u, :][:, None] * st + m_ref[u, :, :]
+
+    steps = n_seg - 1 - s if reverse else s
+    return lax.fori_loop(0, steps, body, s0_ref[...])
+
+
+def summary_specs(H: int, S: int, rows: int, cols: int, row_block: bool):
+    """BlockSpecs of (s0 or dS_T [B,H,Dk,Dv], summaries [B,H,S,Dk,Dv], decays [B,H,S,Dk]) for a
+    program that owns a [rows, cols] tile: rows are a Dk block (row_block) or all of Dk."""
+    if row_block:
+        return [pl.BlockSpec((None, None, rows, cols), lambda bh, s, j: (bh // H, bh % H, j, 0)),
+                pl.BlockSpec((None, None, S, rows, cols),
+                             lambda bh, s, j: (bh // H, bh % H, 0, j, 0)),
+                pl.BlockSpec((None, None, S, rows), lambda bh, s, j: (bh // H, bh % H, 0, j))]
+    return [pl.BlockSpec((None, None, rows, cols), lambda bh, s, j: (bh // H, bh % H, 0, j)),
+            pl.BlockSpec((None, None, S, rows, cols), lambda bh, s, j: (bh // H, bh % H, 0, 0, j)),
+            pl.BlockSpec((None, None, S, rows), lambda bh, s, j: (bh // H, bh % H, 0, 0))]
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs: o = scale * (A v + (q * fq) S_in), chunk by chunk, from each segment's incoming state.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s_ref, o_ref, final_ref, *, c: int,
-                    n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
+def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, o_ref, final_ref,
+                    *, c: int, n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
     """One (batch*head, segment, Dv block) program: LASP-2 steps 3 and 5 on one segment.
 
     With S the state entering chunk n (from the segment's incoming state):
@@ -265,31 +298,30 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s_ref, o_ref, final_re
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
         return fa * state + mmx(_scaled(k, fk), v, ta=True)
 
-    state = lax.fori_loop(0, n_chunks, body, s_ref[...])
+    state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
     @pl.when(pl.program_id(1) == pl.num_programs(1) - 1)
     def _():
         final_ref[...] = state
 
 
-def forward_outputs(q, k, v, bf, cnt, s_in, *, mode: str, scale: float,
+def forward_outputs(q, k, v, bf, cnt, s0, m, a, *, mode: str, scale: float,
                     block_sizes: BlockSizes, out_dtype):
     """Outputs [B, T, H, Dv] and the final state [B, H, Dk, Dv] (float32).
 
-    s_in [B, H, S, Dk, Dv]: the state entering each segment (LASP-2 step 4, done by the caller).
+    s0 [B, H, Dk, Dv] the initial state; m [B, H, S, Dk, Dv] the segment summaries and
+    a [B, H, S, Dk] the segment decays: each program folds them into its incoming state.
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
-    S = s_in.shape[2]
+    S = m.shape[2]
     c, L = block_sizes.chunk, T // S
     bv = min(block_sizes.block_v, dv)
     grid = (B * H, S, dv // bv)
     full = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
     dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
-    in_specs = [full, full, vcol, *dspecs,
-                pl.BlockSpec((None, None, None, dk, bv),
-                             lambda bh, s, j: (bh // H, bh % H, s, 0, j))]
+    in_specs = [full, full, vcol, *dspecs, *summary_specs(H, S, dk, bv, row_block=False)]
     kernel = functools.partial(_forward_kernel, c=c, n_chunks=L // c, mode=mode, scale=scale,
                                dk=dk, dim_slice=min(block_sizes.dim_slice, dk))
     kernel = with_decay_refs(kernel, 3, bf is not None)
@@ -305,4 +337,4 @@ def forward_outputs(q, k, v, bf, cnt, s_in, *, mode: str, scale: float,
                                                       block_sizes.num_stages),
         interpret=compat.pallas_interpret(),
         name="lasp2_chunk_attention_fwd",
-    )(q, k, v, *dargs, s_in)
+    )(q, k, v, *dargs, s0, m, a)
