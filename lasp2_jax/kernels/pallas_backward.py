@@ -180,7 +180,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv
 
 
 def backward(q, k, v, do, bf, cnt, s0, m, dst, dm, a, *, mode: str, scale: float, chunk: int,
-             block_sizes: BlockSizes, dim_slice: int):
+             block_sizes: BlockSizes, dim_slice: int, parts=("dq", "dk", "dv")):
     """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
     ([B, T, H, NK] partial sums for a scalar decay, [B, T, H, Dk] per dimension, None without
     decay) and the initial-state cotangent [B, H, Dk, Dv].
@@ -231,35 +231,41 @@ def backward(q, k, v, do, bf, cnt, s0, m, dst, dm, a, *, mode: str, scale: float
 
     common = dict(c=c, n_chunks=L // c, mode=mode, scale=scale)
     split = pallas_forward.DG_SPLIT if mode != NONE else frozenset()
-    in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs]
+    in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs,
+                *summary_specs(H, S, bk, dv, True)]
     dq_kernel = outputs_kernel(with_decay_refs(
         functools.partial(_dq_kernel, **common, split=split), 4, has_decay))
-    dq, *dbq = pl.pallas_call(
-        dq_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, *summary_specs(H, S, bk, dv, True)],
-        out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
-        interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
-    )(q, k, v, do, *dargs, s0, m, a)
+    dq = dk_ = dv_ = ds0 = None
+    dbq = dbk = ()
+    if "dq" in parts:
+        dq, *dbq = pl.pallas_call(
+            dq_kernel, grid=(B * H, S, nk), in_specs=in_specs,
+            out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+            interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
+        )(q, k, v, do, *dargs, s0, m, a)
     dk_kernel = outputs_kernel(with_decay_refs(
         functools.partial(_dk_kernel, **common, split=split), 4, has_decay))
-    dk_, *dbk = pl.pallas_call(
-        dk_kernel, grid=(B * H, S, nk), in_specs=[*in_specs, *summary_specs(H, S, bk, dv, True)],
-        out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
-        interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
-    )(q, k, v, do, *dargs, dst, dm, a)
+    if "dk" in parts:
+        dk_, *dbk = pl.pallas_call(
+            dk_kernel, grid=(B * H, S, nk), in_specs=in_specs,
+            out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+            interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
+        )(q, k, v, do, *dargs, dst, dm, a)
 
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
     dargs_v, dspecs_v = decay_operands(bf, cnt, L, H, dk)
     dv_kernel = with_decay_refs(
         functools.partial(_dv_kernel, **common, dk=dk, dim_slice=min(dim_slice, dk)), 3,
         has_decay)
-    dv_, ds0 = pl.pallas_call(
-        dv_kernel, grid=(B * H, S, nv),
-        in_specs=[seq(dk, False), seq(dk, False), vcol, *dspecs_v,
-                  *summary_specs(H, S, dk, bv, row_block=False)],
-        out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
-                                      lambda bh, s, j: (bh // H, bh % H, 0, j))],
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
-                   jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
-        compiler_params=params, interpret=interpret, name="lasp2_chunk_attention_bwd_dv",
-    )(q, k, do, *dargs_v, dst, dm, a)
+    if "dv" in parts:
+        dv_, ds0 = pl.pallas_call(
+            dv_kernel, grid=(B * H, S, nv),
+            in_specs=[seq(dk, False), seq(dk, False), vcol, *dspecs_v,
+                      *summary_specs(H, S, dk, bv, row_block=False)],
+            out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
+                                          lambda bh, s, j: (bh // H, bh % H, 0, j))],
+            out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
+                       jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
+            compiler_params=params, interpret=interpret, name="lasp2_chunk_attention_bwd_dv",
+        )(q, k, do, *dargs_v, dst, dm, a)
     return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0

@@ -65,9 +65,10 @@ def mm(a, b, *, ta: bool = False, tb: bool = False):
 # The log-decay gradient is a difference of q*dq and k*dk sums (pallas_backward): the pair
 # terms cancel, and what is left has a bf16 rounding error amplified by the cancellation,
 # unless the float32 intermediates that the dq, dk and summary kernels feed to their matmuls
-# (states, decayed q / k, weighted dP) keep more than bf16's 8 bits. With a decay they enter
+# (states, decayed q / k) keep more than bf16's 8 bits. With a decay they enter
 # as a bf16 pair hi + lo (hi = bf16(x), lo = bf16(x - hi)): ~16 bits, for a second matmul.
-DG_SPLIT = frozenset({"state", "qk_decay", "dscores"})
+# "dscores" (dP * W) would take the error from ~1e-3 to ~1e-5 at two more matmuls.
+DG_SPLIT = frozenset({"state", "qk_decay"})
 
 
 def lowp(x, dtype, name: str, split: frozenset = frozenset()):
@@ -279,13 +280,17 @@ def summary_specs(H: int, S: int, rows: int, cols: int, row_block: bool):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, o_ref, final_ref,
-                    *, c: int, n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
+                    *, c: int, n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int,
+                    n_seg: int):
     """One (batch*head, segment, Dv block) program: LASP-2 steps 3 and 5 on one segment.
 
     With S the state entering chunk n (from the segment's incoming state):
         o_chunk = scale * (A v + diag(exp(b)) q S),   A = (q k^T) * exp(b_i - b_j) * [j <= i]
         S      <- diag(exp(b_C)) S + (diag(exp(b_C - b_j)) k)^T v.
     """
+    # The final state feeds the log-decay gradient: with one segment it comes from this
+    # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
+    split = DG_SPLIT if (mode != NONE and n_seg == 1) else frozenset()
 
     def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -296,13 +301,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
         fq, fk, fa = (None, None, 1.0) if f is None else f
         o = mm(a.astype(v.dtype), v) + mmx(_scaled(q, fq), state.astype(q.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return fa * state + mmx(_scaled(k, fk), v, ta=True)
+        return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
-    state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
+    entry = segment_entry_state(s0_ref, m_ref, a_ref)
+    state = lax.fori_loop(0, n_chunks, body, entry)
 
-    @pl.when(pl.program_id(1) == pl.num_programs(1) - 1)
+    @pl.when(pl.program_id(1) == n_seg - 1)
     def _():
-        final_ref[...] = state
+        if n_seg == 1:
+            final_ref[...] = state
+        else:  # the same fold as the entry states, over every segment's summary
+            final_ref[...] = a_ref[n_seg - 1, :][:, None] * entry + m_ref[n_seg - 1, :, :]
 
 
 def forward_outputs(q, k, v, bf, cnt, s0, m, a, *, mode: str, scale: float,
@@ -323,7 +332,7 @@ def forward_outputs(q, k, v, bf, cnt, s0, m, a, *, mode: str, scale: float,
     dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
     in_specs = [full, full, vcol, *dspecs, *summary_specs(H, S, dk, bv, row_block=False)]
     kernel = functools.partial(_forward_kernel, c=c, n_chunks=L // c, mode=mode, scale=scale,
-                               dk=dk, dim_slice=min(block_sizes.dim_slice, dk))
+                               dk=dk, dim_slice=min(block_sizes.dim_slice, dk), n_seg=S)
     kernel = with_decay_refs(kernel, 3, bf is not None)
     return pl.pallas_call(
         kernel,
