@@ -187,6 +187,7 @@ def test_two_process_distributed_run_trains_and_checkpoints(tmp_path):
     common = [
         "ModelConfig.d_model = 32", "ModelConfig.n_layers = 2", "ModelConfig.n_heads = 4",
         "ModelConfig.mlp_dim = 64", "ModelConfig.chunk_size = 8", "ModelConfig.softmax_every = 2",
+        "ModelConfig.mixer = 'basic'",
         "DataConfig.seq_len = 64", "DataConfig.batch_size = 4", "DataConfig.max_documents = 40",
         "DataConfig.num_threads = 0", f"DataConfig.seed = {seed}",
         "MeshConfig.dp = 2", "MeshConfig.sp = 2", "OptimizerConfig.lr = 1e-2",
