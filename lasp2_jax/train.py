@@ -471,7 +471,8 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                 t_last, step_last = now, step
                 mem, mem_kind = peak_memory_bytes()
                 row = dict(loss=float(np.mean(window)), grad_norm=vals["grad_norm"], lr=vals["lr"],
-                           tokens_per_s=tps, step_time_s=tokens_per_step / tps,
+                           tokens=step * tokens_per_step, tokens_per_s=tps,
+                           step_time_s=tokens_per_step / tps,
                            mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
                            **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
                 window.clear()

@@ -154,3 +154,19 @@ def test_bad_model_config_names_setting(field, value, needle):
 def test_bidirectional_rejects_decaying_mixers():
     with pytest.raises(ValueError, match="ModelConfig.causal"):
         ModelConfig(mixer="gla", causal=False).validate()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_memory_not_math(policy):
+    cfg, model, params = _model(mixer="gla", softmax_every=2)
+    remat = LinearLlama3(ModelConfig(**{**SMALL, "mixer": "gla", "softmax_every": 2,
+                                        "remat": policy}))
+    x = _tokens(2, 16)
+
+    def loss(p, m):
+        return jnp.mean(m.apply({"params": p}, x) ** 2)
+
+    a = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model)
+    b = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)

@@ -219,3 +219,13 @@ def test_two_process_distributed_run_trains_and_checkpoints(tmp_path):
                 str(tmp_path / "one"), log=_quiet)
     for x in lines:
         np.testing.assert_allclose(x["loss"], one.losses[x["step"]], rtol=2e-5)
+
+
+def test_fsdp_shards_embed_axis_over_dp():
+    mesh = T.resolve_mesh(_cfg(mesh=dict(dp=4, tp=2)))
+    mc = _cfg().model
+    plain = T.param_shardings(mc, mesh, fsdp=False)
+    fsdp = T.param_shardings(mc, mesh, fsdp=True)
+    assert tuple(plain["embed"]["embedding"].spec) == ("tp", None)
+    assert tuple(fsdp["embed"]["embedding"].spec) == ("tp", "dp")
+    assert tuple(fsdp["layer_0"]["mlp"]["down"]["kernel"].spec) == ("tp", "dp")
