@@ -45,6 +45,7 @@ class DataConfig:
     num_threads: int = 2  # grain prefetch threads; 0 reads in the training thread
     prefetch: int = 4  # batches read ahead
     max_documents: int | None = None  # cap on documents read (quick experiments)
+    eval_fraction: float = 0.0  # the corpus's last documents held out for evaluation
 
     def validate(self) -> DataConfig:
         def bad(name, why):
@@ -58,6 +59,8 @@ class DataConfig:
             bad("token_dtype", "expected uint16 or uint32")
         if self.tokenizer is not None and not os.path.exists(self.tokenizer):
             bad("tokenizer", "file not found")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            bad("eval_fraction", "must be in [0, 1)")
         for name in ("seq_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
@@ -108,6 +111,20 @@ def load_stream(cfg: DataConfig) -> np.ndarray:
     if cfg.path.endswith(".npy"):
         return np.load(cfg.path, mmap_mode="r")
     return np.memmap(cfg.path, dtype=np.dtype(cfg.token_dtype), mode="r")
+
+
+def split_stream(stream: np.ndarray, eval_fraction: float, eos_id: int):
+    """(train, eval) streams: about the last ``eval_fraction`` of the tokens, cut after a
+    document's eos so that no document is split between the two. eval is None for 0."""
+    if eval_fraction <= 0.0:
+        return stream, None
+    start = int(len(stream) * (1.0 - eval_fraction))
+    ends = np.flatnonzero(np.asarray(stream[start:]) == eos_id)
+    if len(ends) == 0 or start + ends[0] + 1 >= len(stream):
+        raise ValueError(f"DataConfig.eval_fraction = {eval_fraction}: no complete document "
+                         "boundary in the held-out tail; use a larger fraction")
+    cut = start + int(ends[0]) + 1
+    return stream[:cut], stream[cut:]
 
 
 def vocab_size_needed(cfg: DataConfig) -> int | None:

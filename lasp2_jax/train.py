@@ -109,6 +109,8 @@ class TrainConfig:
     mask_prob: float = 0.15  # masked LM: fraction of tokens replaced by the mask id
     mask_id: int | None = None  # masked LM: None -> ModelConfig.vocab_size - 1
     ce_chunks: int = 1  # cross-entropy in this many sequence chunks (long sequences)
+    eval_every: int = 0  # steps between held-out evaluations (a multiple of log_every); 0: off
+    eval_batches: int = 4  # held-out batches per evaluation (needs DataConfig.eval_fraction)
     peak_flops: float | None = None  # per device, for MFU; None: looked up by device kind
     progress: bool = True  # tqdm progress bar on the console
 
@@ -169,6 +171,13 @@ def validate(cfg: TrainConfig, mesh) -> None:
     for name in ("steps", "log_every", "ce_chunks"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             bad(f"TrainConfig.{name} = {getattr(cfg, name)!r}", "must be a positive integer")
+    if cfg.eval_every:
+        if cfg.eval_every % cfg.log_every:
+            bad(f"TrainConfig.eval_every = {cfg.eval_every}",
+                f"must be a multiple of TrainConfig.log_every = {cfg.log_every}")
+        if dc.eval_fraction <= 0.0:
+            bad(f"TrainConfig.eval_every = {cfg.eval_every}",
+                "needs held-out data: set DataConfig.eval_fraction > 0")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         bad("CheckpointConfig.every / keep", "must be positive")
     if dc.seq_len % sp:
@@ -301,7 +310,8 @@ def _global_norm(tree):
                         for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
+def make_loss_fn(cfg: TrainConfig, mesh):
+    """loss(params, batch) -> (mean token loss, number of scored tokens)."""
     model = LinearLlama3(cfg.model, mesh=mesh)
 
     def loss_fn(params, batch):
@@ -311,6 +321,13 @@ def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
                                              batch["targets"], batch["weights"],
                                              cfg.ce_chunks, mesh)
         return total / jnp.maximum(count, 1.0), count
+
+    return loss_fn
+
+
+def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
+    """Jitted (state, batch) -> (state, metrics); the state's buffers are donated."""
+    loss_fn = make_loss_fn(cfg, mesh)
 
     def train_step(state, batch):
         if cfg.objective == "masked_lm":
@@ -323,6 +340,22 @@ def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
         return dict(step=state["step"] + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(cfg: TrainConfig, mesh):
+    """Jitted (params, batch, index) -> (loss sum, scored tokens) on held-out data."""
+    loss_fn = make_loss_fn(cfg, mesh)
+
+    def eval_step(params, batch, index):
+        if cfg.objective == "masked_lm":  # masks of their own, the same at every evaluation
+            batch = apply_mask(batch, jnp.int32(_EVAL_MASK_OFFSET) + index, cfg)
+        loss, count = loss_fn(params, batch)
+        return loss * count, count
+
+    return jax.jit(eval_step)
+
+
+_EVAL_MASK_OFFSET = 1 << 30
 
 
 # --------------------------------------------------------------------------- the run
@@ -387,7 +420,10 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     data_sharding = NamedSharding(mesh, PartitionSpec("dp", "sp"))
     global_shape = (cfg.data.batch_size, cfg.data.seq_len)
     rows = data_lib.process_rows(data_sharding, global_shape)
-    batches = data_lib.BatchIterator(cfg.data, rows, shift=cfg.objective == "causal_lm")
+    shift = cfg.objective == "causal_lm"
+    train_stream, eval_stream = data_lib.split_stream(data_lib.load_stream(cfg.data),
+                                                      cfg.data.eval_fraction, cfg.data.eos_id)
+    batches = data_lib.BatchIterator(cfg.data, rows, shift=shift, stream=train_stream)
     if restored is None:
         state, start, last_ckpt = init_state(cfg, tx, shardings), 0, None
     else:
@@ -409,6 +445,18 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
             f"nats/token (the loss of a context-free model)")
 
     step_fn = make_train_step(cfg, tx, schedule, mesh, shardings)
+    eval_fn = make_eval_step(cfg, mesh) if cfg.eval_every else None
+
+    def evaluate(params) -> float:
+        """Mean loss over the same first ``eval_batches`` held-out batches every time."""
+        it = data_lib.BatchIterator(dataclasses.replace(cfg.data, num_threads=0), rows,
+                                    shift=shift, stream=eval_stream)
+        total = count = 0.0
+        for i in range(cfg.eval_batches):
+            t, c = eval_fn(params, _global_batch(next(it), data_sharding, global_shape, rows),
+                           i)
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0)
     writer = MetricsWriter(workdir, is_main)
     stop = {"signal": False}
     prev_handler = None
@@ -424,6 +472,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
 
     status, losses = "done", {}
     window = []  # losses since the last log line: the logged loss is their mean
+    eval_loss = None
     pending = None  # (step, metrics) dispatched but not yet checked: keeps the device busy
     t_last, step_last = time.perf_counter(), start
 
@@ -469,12 +518,16 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
+                if eval_fn is not None and (step % cfg.eval_every == 0 or is_last):
+                    eval_loss = evaluate(state["params"])
                 mem, mem_kind = peak_memory_bytes()
                 row = dict(loss=float(np.mean(window)), grad_norm=vals["grad_norm"], lr=vals["lr"],
                            tokens=step * tokens_per_step, tokens_per_s=tps,
                            step_time_s=tokens_per_step / tps,
                            mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
                            **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
+                if eval_loss is not None:
+                    row["eval_loss"], eval_loss = eval_loss, None
                 window.clear()
                 writer.write(step, row)
                 if bar is not None:

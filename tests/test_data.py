@@ -36,6 +36,16 @@ def test_masked_lm_windows_are_unshifted():
     np.testing.assert_array_equal(item["inputs"], stream[48:64])
 
 
+def test_eval_split_holds_out_whole_documents():
+    stream, docs = _stream(100)
+    train, held = D.split_stream(stream, 0.1, eos_id=0)
+    assert len(train) + len(held) == len(stream) and train[-1] == 0
+    assert 0.05 * len(stream) < len(held) <= 0.1 * len(stream)
+    assert held[-1] == 0  # the held-out part is whole documents
+    np.testing.assert_array_equal(np.concatenate([train, held]), stream)
+    assert D.split_stream(stream, 0.0, 0)[1] is None
+
+
 def test_stdlib_corpus_is_bytes_one_document_per_file():
     cfg = D.DataConfig(max_documents=20)
     stream = D.load_stream(cfg)

@@ -116,9 +116,12 @@ def test_unreadable_latest_checkpoint_falls_back(tmp_path):
 
 def test_masked_lm_trains_bidirectional_hybrid(tmp_path):
     cfg = _cfg(model=dict(mixer="based", softmax_every=2, causal=False, vocab_size=264),
-               objective="masked_lm", mask_id=256, steps=3, mesh=dict(dp=2, sp=4, tp=1))
+               objective="masked_lm", mask_id=256, steps=3, mesh=dict(dp=2, sp=4, tp=1),
+               data=dict(eval_fraction=0.2), eval_every=3, eval_batches=2)
     res = T.run(cfg, str(tmp_path), log=_quiet)
     assert res.status == "done" and all(np.isfinite(list(res.losses.values())))
+    last = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
+    assert last["step"] == 3 and np.log(264) > last["eval_loss"] > 0
     # Masked bytes are predicted from context: far better than uniform over 264 ids.
     assert res.losses[3] < np.log(264)
 
@@ -166,6 +169,7 @@ def test_mfu_flops_count():
     (dict(model=dict(vocab_size=100)), "ModelConfig.vocab_size"),
     (dict(data=dict(batch_size=4)), "DataConfig.batch_size"),
     (dict(objective="mlm"), "TrainConfig.objective"),
+    (dict(eval_every=2), "DataConfig.eval_fraction"),
 ])
 def test_bad_config_fails_at_start_naming_the_setting(tmp_path, kw, needle):
     with pytest.raises(ValueError, match=needle):
