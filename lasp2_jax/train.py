@@ -457,6 +457,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                            i)
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
+
     writer = MetricsWriter(workdir, is_main)
     stop = {"signal": False}
     prev_handler = None
@@ -472,7 +473,6 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
 
     status, losses = "done", {}
     window = []  # losses since the last log line: the logged loss is their mean
-    eval_loss = None
     pending = None  # (step, metrics) dispatched but not yet checked: keeps the device busy
     t_last, step_last = time.perf_counter(), start
 
@@ -518,17 +518,16 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
-                if eval_fn is not None and (step % cfg.eval_every == 0 or is_last):
-                    eval_loss = evaluate(state["params"])
                 mem, mem_kind = peak_memory_bytes()
-                row = dict(loss=float(np.mean(window)), grad_norm=vals["grad_norm"], lr=vals["lr"],
-                           tokens=step * tokens_per_step, tokens_per_s=tps,
+                row = dict(loss=float(np.mean(window)), grad_norm=vals["grad_norm"],
+                           lr=vals["lr"], tokens=step * tokens_per_step, tokens_per_s=tps,
                            step_time_s=tokens_per_step / tps,
                            mfu=(fpt * tps / (peak * jax.device_count())) if peak else None,
                            **{f"peak_{mem_kind}_memory_gb": mem / 1e9})
-                if eval_loss is not None:
-                    row["eval_loss"], eval_loss = eval_loss, None
                 window.clear()
+                if eval_fn is not None and (step % cfg.eval_every == 0 or is_last):
+                    row["eval_loss"] = evaluate(state["params"])
+                    t_last = time.perf_counter()  # evaluation time is not training time
                 writer.write(step, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
