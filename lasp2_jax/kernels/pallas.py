@@ -119,6 +119,18 @@ def _decay_tables(g, plan: _Plan):
     return bf, cnt, jnp.moveaxis(a, 1, 2)
 
 
+def _reverse_cumsum(x, c: int):
+    """sum_{s >= t} x_s along axis 1 (length a multiple of c), in two levels: inside chunks
+    of c, then over chunk totals (a single long cumsum is a quadratic reduce-window)."""
+    B, T = x.shape[:2]
+    rest = x.shape[2:]
+    xc = jnp.flip(x.reshape(B, T // c, c, *rest), (1, 2))
+    inner = jnp.cumsum(xc, axis=2)
+    totals = jnp.cumsum(inner[:, :, -1:], axis=1)
+    before = jnp.concatenate([jnp.zeros_like(totals[:, :1]), totals[:, :-1]], axis=1)
+    return jnp.flip(inner + before, (1, 2)).reshape(x.shape)
+
+
 def _prepare(q, k, v, g, s0, plan: _Plan):
     q, k = (_pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk) for x in (q, k))
     v = _pad_axis(_pad_axis(v, 1, plan.t_pad), 3, plan.dv)
@@ -187,7 +199,7 @@ def _chunk_attention_bwd(scale, plan, res, cts):
         else:
             db = dbq - dbk
             final_term = final_term[:, None]
-        dg = jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1) + final_term
+        dg = _reverse_cumsum(db, plan.chunk) + final_term
         dg = dg[:, :T] if plan.mode == SCALAR else dg[:, :T, :, :Dk]
     return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
 

@@ -51,7 +51,7 @@ class BlockSizes:
     chunk: int = 64
     block_v: int = 64
     dim_slice: int = 32
-    min_programs: int = 264
+    min_programs: int = 132
     num_warps: int = 4
     num_stages: int = 2
 
