@@ -1,0 +1,191 @@
+"""The Pallas backend against the float64 recurrence: outputs, final state and every gradient.
+
+On CPU the kernels run in interpret mode, where outputs start as NaN: a finite result means
+every element was written (the poison check). Shapes are tiny but ragged, with Dk and Dv not
+powers of two, several chunks per segment and several segments per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lasp2_jax.kernels import backends, pallas, pallas_forward, reference
+
+RNG = np.random.default_rng()
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(B, T, H, Dk, Dv, form, resets=False):
+    q, k = (RNG.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
+    v = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    g = None
+    if form == "lightning":  # fixed per head, broadcast to the canonical [B, T, H]
+        g = np.broadcast_to(-np.linspace(0.05, 1.0, H, dtype=np.float32), (B, T, H)).copy()
+    elif form == "scalar":
+        g = np.log(RNG.uniform(0.3, 1.0, (B, T, H))).astype(np.float32)
+    elif form == "per_dim":
+        g = np.log(RNG.uniform(0.3, 1.0, (B, T, H, Dk))).astype(np.float32)
+    if resets and g is not None:
+        g[:, T // 4] = -np.inf
+        g[:, T // 2] = -1e30
+        g[:, T // 2 + 1] = -np.inf
+        if g.ndim == 4:  # a reset of a single key dimension
+            g[:, 3 * T // 4, :, 1] = -np.inf
+    s0 = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    return q, k, v, g, s0
+
+
+def _reference_vjp(q, k, v, g, s0, scale, do, dst):
+    """Outputs, final state and the gradients of <o, do> + <S_T, dst>, in float64."""
+    with jax.enable_x64(True):
+        def f(q_, k_, v_, g_, s_):
+            return reference.linear_attention_recurrent(q_, k_, v_, g_, scale=scale,
+                                                        initial_state=s_)
+        args = [None if x is None else jnp.asarray(x, jnp.float64) for x in (q, k, v, g, s0)]
+        (o, st), vjp = jax.vjp(f, *args)
+        grads = vjp((jnp.asarray(do, jnp.float64), jnp.asarray(dst, jnp.float64)))
+        return [np.asarray(o), np.asarray(st)] + [None if x is None else np.asarray(x)
+                                                  for x in grads]
+
+
+CASES = [
+    # id, (B, T, H, Dk, Dv), form, resets, chunk
+    ("basic", (2, 77, 2, 24, 20), "none", False, 16),
+    ("lightning", (1, 100, 3, 16, 16), "lightning", False, 16),
+    ("scalar", (1, 90, 2, 40, 24), "scalar", False, 16),
+    ("scalar-resets-c32", (1, 130, 2, 20, 36), "scalar", True, 32),
+    ("per_dim", (1, 70, 2, 24, 20), "per_dim", False, 16),
+    ("per_dim-resets", (1, 64, 2, 18, 16), "per_dim", True, 16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_chunk_attention_matches_recurrence(case):
+    _, (B, T, H, Dk, Dv), form, resets, chunk = case
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    scale = Dk ** -0.5
+    backend = backends.get_backend("pallas")
+
+    def f(q_, k_, v_, g_, s_):
+        return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk,
+                                       initial_state=s_)
+
+    (o, st), vjp = jax.vjp(f, q, k, v, g, s0)
+    got = [o, st, *vjp((do, dst))]
+    want = _reference_vjp(q, k, v, g, s0, scale, do, dst)
+    names = ["o", "final", "dq", "dk", "dv", "dg", "ds0"]
+    for name, a, b in zip(names, got, want, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert a.shape == b.shape, name
+        assert np.isfinite(np.asarray(a)).all(), f"{name} has unwritten (NaN) or inf elements"
+        assert _rel(a, b) < 1e-4, (name, _rel(a, b))
+
+
+def test_one_segment_and_default_state():
+    """A single segment per head (no summary kernels), no initial state, bf16 inputs."""
+    B, T, H, Dk, Dv = 1, 50, 2, 16, 16
+    q, k, v, g, _ = _inputs(B, T, H, Dk, Dv, "scalar")
+    config = pallas.Config(pallas_forward.BlockSizes(min_programs=1))
+    plan = pallas._plan(B, T, H, Dk, Dv, "scalar", 16, config)
+    assert plan.segments == 1
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+
+    def f(q_, k_, v_, g_):
+        o, st = pallas.chunk_linear_attention(q_, k_, v_, g_, scale=0.25, chunk_size=16,
+                                              config=config)
+        return jnp.sum(o.astype(jnp.float32) * o.astype(jnp.float32)) + jnp.sum(st)
+
+    grads = jax.grad(f, argnums=(0, 1, 2, 3))(qb, kb, vb, g)
+    r = [np.asarray(jnp.asarray(x, jnp.float32)) for x in (qb, kb, vb)]
+    with jax.enable_x64(True):
+        def f64(q_, k_, v_, g_):
+            o, st = reference.linear_attention_recurrent(q_, k_, v_, g_, scale=0.25)
+            return jnp.sum(o * o) + jnp.sum(st)
+        want = jax.grad(f64, argnums=(0, 1, 2, 3))(*(jnp.asarray(x, jnp.float64)
+                                                    for x in (*r, g)))
+    for a, b in zip(grads, want, strict=True):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        assert _rel(np.asarray(a, np.float32), b) < 1e-2
+
+
+@pytest.mark.parametrize("form", ["none", "scalar", "per_dim"])
+def test_state_summary(form):
+    B, T, H, Dk, Dv = 1, 45, 2, 12, 20
+    _, k, v, g, _ = _inputs(B, T, H, Dk, Dv, form, resets=form != "none")
+    dm = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    dtotal = RNG.standard_normal((B, H, Dk)).astype(np.float32)
+    backend = backends.get_backend("pallas")
+    (m, total), vjp = jax.vjp(lambda k_, v_, g_: backend.state_summary(k_, v_, g_), k, v, g)
+    dk, dv, dg = vjp((dm, dtotal))
+    with jax.enable_x64(True):
+        def f64(k_, v_, g_):
+            m_ = reference.linear_attention_recurrent(jnp.zeros_like(k_), k_, v_, g_,
+                                                      scale=1.0)[1]
+            if g_ is None:
+                return m_, jnp.zeros((B, H, Dk))
+            tot = jnp.sum(g_, axis=1)
+            return m_, tot if g_.ndim == 4 else jnp.broadcast_to(tot[..., None], (B, H, Dk))
+        args = [None if x is None else jnp.asarray(x, jnp.float64) for x in (k, v, g)]
+        (rm, rtotal), rvjp = jax.vjp(f64, *args)
+        rdk, rdv, rdg = rvjp((jnp.asarray(dm, jnp.float64), jnp.asarray(dtotal, jnp.float64)))
+    assert _rel(m, rm) < 1e-4
+    np.testing.assert_array_equal(np.isfinite(total), np.isfinite(np.asarray(rtotal)))
+    fin = np.isfinite(np.asarray(rtotal))
+    assert np.allclose(np.asarray(total)[fin], np.asarray(rtotal)[fin], rtol=1e-5, atol=1e-5)
+    assert _rel(dk, rdk) < 1e-4 and _rel(dv, rdv) < 1e-4
+    if g is not None:
+        assert np.isfinite(np.asarray(dg)).all()
+        assert _rel(dg, rdg) < 1e-4
+
+
+def test_full_attention():
+    B, T, H, Dk, Dv = 2, 33, 2, 12, 10
+    q, k, v, _, s0 = _inputs(B, T, H, Dk, Dv, "none")
+    o, st = backends.get_backend("pallas").full_attention(q, k, v, scale=0.3, initial_state=s0)
+    with jax.enable_x64(True):
+        ro, rst = reference.linear_attention_recurrent(
+            *(jnp.asarray(x, jnp.float64) for x in (q, k, v)), causal=False, scale=0.3,
+            initial_state=jnp.asarray(s0, jnp.float64))
+    assert _rel(o, ro) < 1e-5 and _rel(st, rst) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["none", "scalar", "per_dim"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_matches_recurrence(form, dtype):
+    """The Triton kernels on the GPU: bf16 below 1e-2, f32 (tf32-free) below 1e-3, and the
+    same bits on a second run (no race)."""
+    B, T, H, Dk, Dv = 1, 1000 + 37, 4, 72, 128
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form != "none")
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    dt = jnp.dtype(dtype)
+    q, k, v, do = (np.asarray(jnp.asarray(x, dt).astype(jnp.float32)) for x in (q, k, v, do))
+
+    @jax.jit
+    def run(q_, k_, v_, g_, s_, do_, dst_):
+        def f(*a):
+            return pallas.chunk_linear_attention(*a[:4], scale=Dk ** -0.5, initial_state=a[4])
+        (o, st), vjp = jax.vjp(f, q_, k_, v_, g_, s_)
+        return [o, st, *vjp((do_, dst_))]
+
+    args = [jnp.asarray(x, dt) for x in (q, k, v)] + [g, s0, jnp.asarray(do, dt), dst]
+    got, again = run(*args), run(*args)
+    want = _reference_vjp(q, k, v, g, s0, Dk ** -0.5, do, dst)
+    tol = 1e-2 if dtype == "bfloat16" else 1e-3
+    for a, a2, b in zip(got, again, want, strict=True):
+        if b is None:
+            continue
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
+        assert _rel(np.asarray(a, np.float32), b) < tol
