@@ -258,7 +258,7 @@ def hbm_bytes(B, T, H, D, form):
     return fwd, fwd + 4 * x + gb  # + do in; dq, dk, dv out (+ dg)
 
 
-def run_timings(out, shapes, impls, forms, variants):
+def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
     rng = np.random.default_rng()
     H, D = 16, 128
     bw = copy_bandwidth()
@@ -298,6 +298,8 @@ def run_timings(out, shapes, impls, forms, variants):
                            fwd_floor_ms=b_fwd / (bw * 1e9) * 1e3,
                            fwd_bwd_floor_ms=b_fb / (bw * 1e9) * 1e3, error=err)
                 rows.append(row)
+                out["timings"] = rows
+                save()
                 log(f"B={B} T={T:6d} {form:10s} {name:28s} fwd {t_f:8.3f} ms  "
                     f"fwd+bwd {t_fb:8.3f} ms" + (f"  [{err}]" if err else ""))
     out["timings"] = rows
@@ -362,18 +364,26 @@ def main():
     dev = jax.devices()[0]
     out = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform)
     log(f"device {dev.device_kind}  jax {jax.__version__}")
+    os.makedirs(RESULTS, exist_ok=True)
+    jpath = os.path.join(RESULTS, f"{args.tag}.json")
+
+    def save():
+        with open(jpath, "w") as f:
+            json.dump(out, f, indent=1)
+        if os.environ.get("OUT"):
+            shutil.copy(jpath, os.environ["OUT"])
+
     ok = True
     if not args.no_check and not args.check_last:
         ok = run_checks(out, args.quick_check)
+        save()
     shapes = [(1, 16384)] if args.quick else [(1, 16384), (1, 65536), (4, 16384)]
     variants = [v for v in args.variants.split(",") if v]
-    rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants)
+    rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
+                       save)
     if not args.no_check and args.check_last:
         ok = run_checks(out, args.quick_check)
-    os.makedirs(RESULTS, exist_ok=True)
-    jpath = os.path.join(RESULTS, f"{args.tag}.json")
-    with open(jpath, "w") as f:
-        json.dump(out, f, indent=1)
+    save()
     ppath = os.path.join(RESULTS, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)
     if os.environ.get("OUT"):

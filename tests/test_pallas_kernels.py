@@ -63,6 +63,8 @@ CASES = [
     ("scalar-resets-c32", (1, 130, 2, 20, 36), "scalar", True, 32),
     ("per_dim", (1, 70, 2, 24, 20), "per_dim", False, 16),
     ("per_dim-resets", (1, 64, 2, 18, 16), "per_dim", True, 16),
+    # chunks of 64: the matmul fast path, and sub-chunks of 16 where a chunk has a reset
+    ("per_dim-c64-mixed", (1, 150, 2, 40, 24), "per_dim", True, 64),
 ]
 
 

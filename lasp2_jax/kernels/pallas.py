@@ -31,8 +31,8 @@ _f32 = jnp.float32
 
 # exp(g) is exactly 0 in float32 below this: such a token is a state reset.
 RESET_LOG_DECAY = -104.0
-# The per-dimension form forms [C, C, slice] pairwise decays: a short chunk keeps them small.
-PER_DIM_CHUNK = 16
+# The per-dimension form's exact path works on sub-chunks of pallas_forward.SUB_CHUNK.
+PER_DIM_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from lasp2_jax.kernels.pallas_forward import (
     _scaled,
     causal_mask,
     decay_operands,
+    fast_factors,
     intra_scores,
     load_factors,
     lowp,
@@ -40,6 +41,7 @@ from lasp2_jax.kernels.pallas_forward import (
     mmx,
     pair_weights,
     pair_weights_dim,
+    run_chunk,
     segment_entry_state,
     summary_specs,
     with_decay_refs,
@@ -96,26 +98,39 @@ def _db_store(db_ref, sl, x, dx, mode: str):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, dq_ref, db_ref,
                *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
-    def body(ci, state):
-        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+    def step(sl, cc, state, before, fast):
         k, v, do = k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dp = scale * mm(do, v, tb=True)
-        f = load_factors(bf_ref, cnt_ref, sl, mode)
-        fq, fk, fa = (None, None, 1.0) if f is None else f
         inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
-        if fq is not None:
-            inter = inter * fq
-        if mode == PER_DIM:
-            w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
-            intra = jnp.sum(dp[:, :, None] * k.astype(_f32)[None, :, :] * w, axis=1)
+        if fast:
+            # dq_intra = exp(b) * ((dP masked) (k exp(-b))); the decay gradient takes
+            # (q exp(b))_bf16 * (...) so that its pair terms cancel those of the dk kernel.
+            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            ks = (k.astype(_f32) * einv).astype(k.dtype)
+            raw = mm(jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype), ks)
+            q = q_ref[sl, :]
+            dq = e * (raw + inter)
+            qs = (q.astype(_f32) * e).astype(q.dtype).astype(_f32)
+            db_ref[sl, :] = qs * raw + q.astype(_f32) * e * inter
         else:
-            intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c), k.dtype, "dscores",
-                             split), k)
-        dq = intra + inter
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            fq, fk, fa = (None, None, 1.0) if f is None else f
+            if fq is not None:
+                inter = inter * fq
+            if mode == PER_DIM:
+                w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], cc)
+                intra = jnp.sum(dp[:, :, None] * k.astype(_f32)[None, :, :] * w, axis=1)
+            else:
+                intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, cc), k.dtype,
+                                 "dscores", split), k)
+            dq = intra + inter
+            if mode != NONE:
+                _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-        if mode != NONE:
-            _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
+
+    def body(ci, state):
+        return run_chunk(step, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
@@ -127,27 +142,39 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_re
 def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dk_ref, db_ref,
                *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
-    def body(i, dh):
-        ci = n_chunks - 1 - i
-        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+    def step(sl, cc, dh, before, fast):
         q, k, v, do = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dp = scale * mm(do, v, tb=True)
-        f = load_factors(bf_ref, cnt_ref, sl, mode)
-        fq, fk, fa = (None, None, 1.0) if f is None else f
         inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
-        if fk is not None:
+        if fast:
+            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            fq = e
+            qs = (q.astype(_f32) * e).astype(q.dtype)
+            raw = mm(jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype), qs, ta=True)
             inter = inter * fk
-        if mode == PER_DIM:
-            w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], c)
-            intra = jnp.sum(dp[:, :, None] * q.astype(_f32)[:, None, :] * w, axis=0)
+            dk = einv * raw + inter
+            ks = (k.astype(_f32) * einv).astype(k.dtype).astype(_f32)
+            db_ref[sl, :] = ks * raw + k.astype(_f32) * inter
         else:
-            intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, c), q.dtype, "dscores",
-                             split), q, ta=True)
-        dk = intra + inter
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            fq, fk, fa = (None, None, 1.0) if f is None else f
+            if fk is not None:
+                inter = inter * fk
+            if mode == PER_DIM:
+                w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], cc)
+                intra = jnp.sum(dp[:, :, None] * q.astype(_f32)[:, None, :] * w, axis=0)
+            else:
+                intra = mmx(lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, cc), q.dtype,
+                                 "dscores", split), q, ta=True)
+            dk = intra + inter
+            if mode != NONE:
+                _db_store(db_ref, sl, k, dk, mode)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if mode != NONE:
-            _db_store(db_ref, sl, k, dk, mode)
         return fa * dh + scale * mmx(_scaled(q, fq, split), do, ta=True)
+
+    def body(i, dh):
+        return run_chunk(step, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
+                         cnt_ref=cnt_ref, reverse=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
@@ -159,17 +186,26 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_
 def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
                c: int,
                n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
-    def body(i, dh):
-        ci = n_chunks - 1 - i
-        sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=c, dk=dk,
-                         dim_slice=dim_slice)
+    def step(sl, cc, dh, before, fast):
         q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
-        f = load_factors(bf_ref, cnt_ref, sl, mode)
-        fq, fk, fa = (None, None, 1.0) if f is None else f
+        if fast:
+            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            fq = e
+            qs = (q.astype(_f32) * e).astype(q.dtype)
+            ks = (k.astype(_f32) * einv).astype(k.dtype)
+            a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
+        else:
+            a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
+                             dim_slice=dim_slice)
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            fq, fk, fa = (None, None, 1.0) if f is None else f
         dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)
+
+    def body(i, dh):
+        return run_chunk(step, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
+                         cnt_ref=cnt_ref, reverse=True)
 
     dh = lax.fori_loop(0, n_chunks, body,
                        segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))

@@ -95,16 +95,18 @@ def causal_mask(c: int):
     return i >= j
 
 
-def chunk_factors(bf, cnt):
+def chunk_factors(bf, cnt, bf0=0.0, cnt0=0.0):
     """The q-side, k-side and whole-chunk decay factors of one chunk (table in the docstring).
 
-    bf, cnt: [C] or [C, Dk]. Returns fq, fk of the same shape and fa of shape [] or [Dk].
+    bf, cnt: [C] or [C, Dk]; (bf0, cnt0): the table's value just before the span (0 at a chunk
+    start; a sub-chunk of the exact per-dimension path passes the row before it).
+    Returns fq, fk of the same shape and fa of shape [] or [Dk].
     """
     last = jnp.min(bf, axis=0)  # bf is non-increasing along the chunk: its minimum is b_C
     clast = jnp.max(cnt, axis=0)
-    fq = jnp.where(cnt == 0.0, jnp.exp(bf), 0.0)
+    fq = jnp.where(cnt == cnt0, jnp.exp(jnp.minimum(bf - bf0, 0.0)), 0.0)
     fk = jnp.where(cnt == clast, jnp.exp(jnp.minimum(last - bf, 0.0)), 0.0)
-    fa = jnp.where(clast == 0.0, jnp.exp(last), 0.0)
+    fa = jnp.where(clast == cnt0, jnp.exp(jnp.minimum(last - bf0, 0.0)), 0.0)
     return fq, fk, fa
 
 
@@ -140,15 +142,68 @@ def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: in
     return jnp.where(causal_mask(c), a, 0.0)
 
 
-def load_factors(bf_ref, cnt_ref, sl, mode: str):
-    """(fq, fk, fa) broadcastable against [C, Dk] tiles and [Dk, *] states; None if no decay."""
+def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
+    """(fq, fk, fa) broadcastable against [C, Dk] tiles and [Dk, *] states; None if no decay.
+
+    before: the row just before a sub-chunk (per-dimension exact path), None at a chunk start.
+    """
     if mode == NONE:
         return None
     if mode == SCALAR:
         fq, fk, fa = chunk_factors(bf_ref[sl], cnt_ref[sl])
         return fq[:, None], fk[:, None], fa
-    fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :])
+    ref = {} if before is None else dict(bf0=bf_ref[pl.ds(before, 1), :],
+                                         cnt0=cnt_ref[pl.ds(before, 1), :])
+    fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :], **ref)
+    if before is not None:
+        fa = fa[0]
     return fq, fk, fa[:, None]
+
+
+# The per-dimension decay has two paths per chunk. Fast: with no reset in the chunk and every
+# chunk-local log decay above SAFE_LOG_DECAY, A = (q exp(b)) (k exp(-b))^T is one matmul: the
+# factor exp(-b) <= exp(-SAFE_LOG_DECAY) stays finite and each product is still exp(b_i - b_j)
+# <= 1 for j <= i. Exact: otherwise the chunk runs as sub-chunks of SUB_CHUNK tokens whose
+# pairwise decays are a [SUB, SUB, slice] product with every exponent <= 0 (resets exact).
+SAFE_LOG_DECAY = -40.0
+SUB_CHUNK = 16
+
+
+def fast_path_ok(bf_ref, cnt_ref, sl):
+    bf, cnt = bf_ref[sl, :], cnt_ref[sl, :]
+    no_reset = jnp.max(jnp.max(cnt, axis=1), axis=0) == 0.0
+    return no_reset & (jnp.min(jnp.min(bf, axis=1), axis=0) > SAFE_LOG_DECAY)
+
+
+def fast_factors(bf):
+    """exp(b), exp(-b), the k-side factor exp(b_C - b) and the chunk factor exp(b_C) [Dk, 1]
+    of a chunk without resets (per-dimension fast path)."""
+    last = jnp.min(bf, axis=0)
+    return (jnp.exp(bf), jnp.exp(-bf), jnp.exp(jnp.minimum(last[None, :] - bf, 0.0)),
+            jnp.exp(last)[:, None])
+
+
+def run_chunk(step, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref, reverse: bool = False):
+    """Apply step(sl, c, carry, before, fast) -> carry to chunk ci.
+
+    Per-dimension decay: the fast step when fast_path_ok, else the exact step on each
+    sub-chunk (in reverse order for the backward recurrences).
+    """
+    start = pl.multiple_of(ci * c, c)
+    sl = pl.ds(start, c)
+    if mode != PER_DIM:
+        return step(sl, c, carry, None, False)
+
+    def exact(carry):
+        subs = range(c // SUB_CHUNK)
+        for r in (reversed(subs) if reverse else subs):
+            sub = pl.ds(start + r * SUB_CHUNK, SUB_CHUNK)
+            carry = step(sub, SUB_CHUNK, carry, None if r == 0 else start + r * SUB_CHUNK - 1,
+                         False)
+        return carry
+
+    return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl),
+                    lambda carry: step(sl, c, carry, None, True), exact, carry)
 
 
 def _scaled(x, f, split: frozenset = frozenset()):
@@ -292,16 +347,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
     # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
     split = DG_SPLIT if (mode != NONE and n_seg == 1) else frozenset()
 
-    def body(ci, state):
-        sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=c, dk=dk,
-                         dim_slice=dim_slice)
+    def step(sl, cc, state, before, fast):
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        f = load_factors(bf_ref, cnt_ref, sl, mode)
-        fq, fk, fa = (None, None, 1.0) if f is None else f
-        o = mm(a.astype(v.dtype), v) + mmx(_scaled(q, fq), state.astype(q.dtype))
+        if fast:
+            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            qs = (q.astype(_f32) * e).astype(q.dtype)
+            ks = (k.astype(_f32) * einv).astype(k.dtype)
+            a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
+        else:
+            a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
+                             dim_slice=dim_slice)
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            fq, fk, fa = (None, None, 1.0) if f is None else f
+            qs = _scaled(q, fq)
+        o = mm(a.astype(v.dtype), v) + mm(qs, state.astype(q.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
+
+    def body(ci, state):
+        return run_chunk(step, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
 
     entry = segment_entry_state(s0_ref, m_ref, a_ref)
     state = lax.fori_loop(0, n_chunks, body, entry)
