@@ -1,8 +1,8 @@
 """Train a Linear-Llama3: ``python train.py [--gin_file F]... [--gin_param B]... [--workdir D]``.
 
 With no flags it trains configs/tiny.gin on the devices present. Gin binds the frozen config
-dataclasses of lasp2_jax.train (TrainConfig, ModelConfig, DataConfig, MeshConfig,
-OptimizerConfig, CheckpointConfig, DistributedConfig); the library itself never sees gin.
+dataclasses (TrainConfig, ModelConfig, DataConfig, MeshConfig, OptimizerConfig,
+CheckpointConfig, DistributedConfig); the library itself never sees gin.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ import sys
 
 import gin
 
-from lasp2_jax import train
+from lasp2_jax import config, train
 from lasp2_jax.data import DataConfig
 from lasp2_jax.models import ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = dict(model=ModelConfig, data=DataConfig, mesh=train.MeshConfig,
-                optimizer=train.OptimizerConfig, checkpoint=train.CheckpointConfig,
-                distributed=train.DistributedConfig)
+SECTIONS = dict(model=ModelConfig, data=DataConfig, mesh=config.MeshConfig,
+                optimizer=config.OptimizerConfig, checkpoint=config.CheckpointConfig,
+                distributed=config.DistributedConfig)
 CONFIGURABLES = {cls.__name__: gin.external_configurable(cls, module="lasp2_jax")
-                 for cls in (*SECTIONS.values(), train.TrainConfig)}
+                 for cls in (*SECTIONS.values(), config.TrainConfig)}
 
 
-def build_config(gin_files, gin_params) -> train.TrainConfig:
+def build_config(gin_files, gin_params) -> config.TrainConfig:
     """Parse gin files and bindings into a TrainConfig (each section bound separately)."""
     # `include "configs/x.gin"` resolves from the repository root, wherever we run from.
     gin.add_config_file_search_path(HERE)
@@ -34,7 +34,7 @@ def build_config(gin_files, gin_params) -> train.TrainConfig:
         sections = {name: CONFIGURABLES[cls.__name__]() for name, cls in SECTIONS.items()}
         return CONFIGURABLES["TrainConfig"](**sections)
     except (ValueError, TypeError, OSError) as e:  # unknown names, bad syntax, missing files
-        raise train.ConfigError(str(e)) from None
+        raise config.ConfigError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -63,6 +63,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except train.ConfigError as e:  # a bad setting: its message, not a traceback
+    except config.ConfigError as e:  # a bad setting: its message, not a traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -57,34 +57,34 @@ def test_sequence_parallel_changes_nothing_but_speed(tmp_path, mixer, softmax_ev
 
 
 def test_kill_sigterm_and_resume_reproduce_the_trajectory(tmp_path):
+    """SIGTERM at step 2 (saved there), resume, crash after step 5 (last checkpoint: 4),
+    resume to the end: every loss equals the uninterrupted run's, and metrics.jsonl reads
+    as one continuous curve (the crash came before step 5 was logged)."""
     cfg = _cfg(steps=6, mesh=dict(dp=2, sp=2, tp=2))
     full = T.run(cfg, str(tmp_path / "full"), log=_quiet).losses
+    work = str(tmp_path / "cut")
 
-    # A crash (exception) after step 5: resumes from the checkpoint of step 4.
-    def crash(step, _):
-        if step == 5:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        T.run(cfg, str(tmp_path / "crash"), callback=crash, log=_quiet)
-    resumed = T.run(cfg, str(tmp_path / "crash"), log=_quiet)
-    assert sorted(resumed.losses) == [5, 6]
-
-    # SIGTERM: the step in flight completes, is saved, and the run returns cleanly.
     def term(step, _):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = T.run(cfg, str(tmp_path / "term"), callback=term, log=_quiet)
-    assert stopped.status == "preempted" and stopped.last_checkpoint == stopped.step < 6
-    rest = T.run(cfg, str(tmp_path / "term"), log=_quiet)
-    assert sorted(rest.losses) == list(range(stopped.step + 1, 7))
+    def crash(step, _):
+        if step == 5:
+            raise RuntimeError("simulated crash")
 
-    for part in (resumed.losses, rest.losses, stopped.losses):
-        for step, loss in part.items():
-            np.testing.assert_allclose(loss, full[step], rtol=1e-6)
-    lines = [json.loads(x) for x in open(tmp_path / "term" / "metrics.jsonl")]
-    assert [x["step"] for x in lines] == list(range(1, 7))  # the curve continues
+    # SIGTERM: the step in flight completes, is saved, and the run returns cleanly.
+    stopped = T.run(cfg, work, callback=term, log=_quiet)
+    assert stopped.status == "preempted" and stopped.last_checkpoint == stopped.step < 5
+    seen = dict(stopped.losses)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        T.run(cfg, work, callback=crash, log=_quiet)
+    rest = T.run(cfg, work, log=_quiet)
+    assert sorted(rest.losses) == [5, 6]  # resumed from the checkpoint of step 4
+    seen.update(rest.losses)
+    for step, loss in seen.items():
+        np.testing.assert_allclose(loss, full[step], rtol=1e-6)
+    logged = [json.loads(x)["step"] for x in open(os.path.join(work, "metrics.jsonl"))]
+    assert logged == list(range(1, 7))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
