@@ -236,7 +236,11 @@ def bench_fla(form, qn, kn, vn, gn, don, scale):
         o.backward(do)
         return o
 
-    return time_calls(fwd, sync), time_calls(fwd_bwd, sync)
+    t_fwd = time_calls(fwd, sync)
+    try:
+        return t_fwd, time_calls(fwd_bwd, sync), None
+    except Exception as e:  # FLA's gated backward refuses Triton < 3.7.1 on Hopper
+        return t_fwd, float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
 def copy_bandwidth():
@@ -281,12 +285,12 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
             for impl, variant in cases:
                 name = impl if variant is None else f"pallas[{variant}]"
                 try:
+                    err = None
                     if impl == "fla":
-                        t_f, t_fb = bench_fla(form, qn, kn, vn, gn, don, scale)
+                        t_f, t_fb, err = bench_fla(form, qn, kn, vn, gn, don, scale)
                     else:
                         cfg = None if variant is None else VARIANTS[variant]
                         t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
-                    err = None
                 except Exception as e:  # a kernel that does not run here is a result too
                     t_f = t_fb = float("nan")
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -311,8 +315,8 @@ def _variants():
     bb = pallas.pallas_backward.BlockSizes
     C = pallas.Config
     return {
-        "prog528": C(fb(min_programs=528), bb()),
-        "prog132": C(fb(min_programs=132), bb()),
+        "prog264": C(fb(min_programs=264), bb()),
+        "prog64": C(fb(min_programs=64), bb()),
         "w8": C(fb(num_warps=8), bb(num_warps=8)),
         "bv128": C(fb(block_v=128, num_warps=8), bb(block_k=128, block_v=128, num_warps=8)),
         "st3": C(fb(num_stages=3), bb(num_stages=3)),
@@ -377,7 +381,7 @@ def main():
     if not args.no_check and not args.check_last:
         ok = run_checks(out, args.quick_check)
         save()
-    shapes = [(1, 16384)] if args.quick else [(1, 16384), (1, 65536), (4, 16384)]
+    shapes = [(1, 16384)] if args.quick else [(1, 16384), (4, 16384), (1, 65536)]
     variants = [v for v in args.variants.split(",") if v]
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)

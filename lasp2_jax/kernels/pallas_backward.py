@@ -83,12 +83,17 @@ def _weighted_dp(dp, bf_ref, cnt_ref, sl, mode: str, c: int):
     return jnp.where(causal_mask(c), dp, 0.0)
 
 
+def _db_put(db_ref, sl, prod, mode: str):
+    if mode == SCALAR:
+        db_ref[sl] = jnp.sum(prod, axis=1)
+    else:
+        db_ref[sl, :] = prod
+
+
 def _db_store(db_ref, sl, x, dx, mode: str):
     """Store x * dx for the decay gradient: summed over Dk for the scalar form."""
-    if mode == NONE:
-        return
-    prod = x.astype(_f32) * dx
-    db_ref[sl] = jnp.sum(prod, axis=1) if mode == SCALAR else prod
+    if mode != NONE:
+        _db_put(db_ref, sl, x.astype(_f32) * dx, mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,15 +108,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_re
         dp = scale * mm(do, v, tb=True)
         inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         if fast:
-            # dq_intra = exp(b) * ((dP masked) (k exp(-b))); the decay gradient takes
-            # (q exp(b))_bf16 * (...) so that its pair terms cancel those of the dk kernel.
-            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
-            ks = (k.astype(_f32) * einv).astype(k.dtype)
-            raw = mm(jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype), ks)
-            q = q_ref[sl, :]
+            # dq = exp(b) * ((dP masked) (k exp(-b)) + dO S^T): k exp(-b) enters in two bf16
+            # parts, so the decay gradient q * dq keeps ~16 bits (see DG_SPLIT).
+            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+            ks = lowp(k.astype(_f32) * einv, k.dtype, "qk_decay", split)
+            raw = mmx(jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype), ks)
             dq = e * (raw + inter)
-            qs = (q.astype(_f32) * e).astype(q.dtype).astype(_f32)
-            db_ref[sl, :] = qs * raw + q.astype(_f32) * e * inter
+            _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
@@ -147,14 +150,12 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_
         dp = scale * mm(do, v, tb=True)
         inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         if fast:
-            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
-            fq = e
-            qs = (q.astype(_f32) * e).astype(q.dtype)
-            raw = mm(jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype), qs, ta=True)
-            inter = inter * fk
-            dk = einv * raw + inter
-            ks = (k.astype(_f32) * einv).astype(k.dtype).astype(_f32)
-            db_ref[sl, :] = ks * raw + k.astype(_f32) * inter
+            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+            qs = lowp(q.astype(_f32) * e, q.dtype, "qk_decay", split)
+            raw = mmx(jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype), qs, ta=True)
+            dk = einv * raw + inter * fk
+            _db_store(db_ref, sl, k, dk, mode)
+            q_dh = qs  # q exp(b), as the dS update below needs it
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
@@ -169,8 +170,9 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_
             dk = intra + inter
             if mode != NONE:
                 _db_store(db_ref, sl, k, dk, mode)
+            q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        return fa * dh + scale * mmx(_scaled(q, fq, split), do, ta=True)
+        return fa * dh + scale * mmx(q_dh, do, ta=True)
 
     def body(i, dh):
         return run_chunk(step, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
@@ -189,7 +191,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv
     def step(sl, cc, dh, before, fast):
         q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
         if fast:
-            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
             fq = e
             qs = (q.astype(_f32) * e).astype(q.dtype)
             ks = (k.astype(_f32) * einv).astype(k.dtype)

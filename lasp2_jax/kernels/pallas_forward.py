@@ -160,24 +160,34 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
     return fq, fk, fa[:, None]
 
 
-# The per-dimension decay has two paths per chunk. Fast: with no reset in the chunk and every
+# With a decay each chunk takes one of two paths. Fast: with no reset in the chunk and every
 # chunk-local log decay above SAFE_LOG_DECAY, A = (q exp(b)) (k exp(-b))^T is one matmul: the
 # factor exp(-b) <= exp(-SAFE_LOG_DECAY) stays finite and each product is still exp(b_i - b_j)
-# <= 1 for j <= i. Exact: otherwise the chunk runs as sub-chunks of SUB_CHUNK tokens whose
-# pairwise decays are a [SUB, SUB, slice] product with every exponent <= 0 (resets exact).
+# <= 1 for j <= i; no [C, C] decay matrix is formed. Exact: otherwise every exponent is <= 0
+# and a reset is an exact zero: the [C, C] pair weights for a scalar decay, and for a
+# per-dimension decay sub-chunks of SUB_CHUNK tokens with a [SUB, SUB, slice] product.
 SAFE_LOG_DECAY = -40.0
 SUB_CHUNK = 16
 
 
-def fast_path_ok(bf_ref, cnt_ref, sl):
+def fast_path_ok(bf_ref, cnt_ref, sl, mode: str):
+    if mode == SCALAR:
+        bf, cnt = bf_ref[sl], cnt_ref[sl]
+        return (jnp.max(cnt, axis=0) == 0.0) & (jnp.min(bf, axis=0) > SAFE_LOG_DECAY)
     bf, cnt = bf_ref[sl, :], cnt_ref[sl, :]
     no_reset = jnp.max(jnp.max(cnt, axis=1), axis=0) == 0.0
     return no_reset & (jnp.min(jnp.min(bf, axis=1), axis=0) > SAFE_LOG_DECAY)
 
 
-def fast_factors(bf):
-    """exp(b), exp(-b), the k-side factor exp(b_C - b) and the chunk factor exp(b_C) [Dk, 1]
-    of a chunk without resets (per-dimension fast path)."""
+def fast_factors(bf_ref, sl, mode: str):
+    """exp(b), exp(-b), the k-side factor exp(b_C - b), broadcastable against [C, Dk] tiles,
+    and the chunk factor exp(b_C) against [Dk, *] states, for a chunk without resets."""
+    if mode == SCALAR:
+        bf = bf_ref[sl]
+        last = jnp.min(bf, axis=0)
+        return (jnp.exp(bf)[:, None], jnp.exp(-bf)[:, None],
+                jnp.exp(jnp.minimum(last - bf, 0.0))[:, None], jnp.exp(last))
+    bf = bf_ref[sl, :]
     last = jnp.min(bf, axis=0)
     return (jnp.exp(bf), jnp.exp(-bf), jnp.exp(jnp.minimum(last[None, :] - bf, 0.0)),
             jnp.exp(last)[:, None])
@@ -186,15 +196,17 @@ def fast_factors(bf):
 def run_chunk(step, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref, reverse: bool = False):
     """Apply step(sl, c, carry, before, fast) -> carry to chunk ci.
 
-    Per-dimension decay: the fast step when fast_path_ok, else the exact step on each
-    sub-chunk (in reverse order for the backward recurrences).
+    With a decay: the fast step when fast_path_ok, else the exact step (per-dimension decay:
+    on each sub-chunk, in reverse order for the backward recurrences).
     """
     start = pl.multiple_of(ci * c, c)
     sl = pl.ds(start, c)
-    if mode != PER_DIM:
+    if mode == NONE:
         return step(sl, c, carry, None, False)
 
     def exact(carry):
+        if mode == SCALAR:
+            return step(sl, c, carry, None, False)
         subs = range(c // SUB_CHUNK)
         for r in (reversed(subs) if reverse else subs):
             sub = pl.ds(start + r * SUB_CHUNK, SUB_CHUNK)
@@ -202,7 +214,7 @@ def run_chunk(step, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref, reverse: b
                          False)
         return carry
 
-    return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl),
+    return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl, mode),
                     lambda carry: step(sl, c, carry, None, True), exact, carry)
 
 
@@ -350,7 +362,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
     def step(sl, cc, state, before, fast):
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
         if fast:
-            e, einv, fk, fa = fast_factors(bf_ref[sl, :])
+            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
             qs = (q.astype(_f32) * e).astype(q.dtype)
             ks = (k.astype(_f32) * einv).astype(k.dtype)
             a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
