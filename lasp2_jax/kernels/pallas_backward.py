@@ -103,8 +103,11 @@ def _db_store(db_ref, sl, x, dx, mode: str):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, dq_ref, db_ref,
                *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
-    def step(sl, cc, state, before, fast):
-        k, v, do = k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+    def load(sl):
+        return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+
+    def step(sl, cc, state, before, fast, tiles):
+        q, k, v, do = tiles
         dp = scale * mm(do, v, tb=True)
         inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         if fast:
@@ -114,7 +117,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_re
             ks = lowp(k.astype(_f32) * einv, k.dtype, "qk_decay", split)
             raw = mmx(jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype), ks)
             dq = e * (raw + inter)
-            _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
+            _db_store(db_ref, sl, q, dq, mode)
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
@@ -128,12 +131,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_re
                                  "dscores", split), k)
             dq = intra + inter
             if mode != NONE:
-                _db_store(db_ref, sl, q_ref[sl, :], dq, mode)
+                _db_store(db_ref, sl, q, dq, mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
     def body(ci, state):
-        return run_chunk(step, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
+        return run_chunk(step, load, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
@@ -145,8 +148,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_re
 def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dk_ref, db_ref,
                *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
-    def step(sl, cc, dh, before, fast):
-        q, k, v, do = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+    def load(sl):
+        return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+
+    def step(sl, cc, dh, before, fast, tiles):
+        q, k, v, do = tiles
         dp = scale * mm(do, v, tb=True)
         inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         if fast:
@@ -175,7 +181,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_
         return fa * dh + scale * mmx(q_dh, do, ta=True)
 
     def body(i, dh):
-        return run_chunk(step, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
+        return run_chunk(step, load, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
                          cnt_ref=cnt_ref, reverse=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
@@ -188,8 +194,11 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_
 def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
                c: int,
                n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int):
-    def step(sl, cc, dh, before, fast):
-        q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
+    def load(sl):
+        return q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
+
+    def step(sl, cc, dh, before, fast, tiles):
+        q, k, do = tiles
         if fast:
             e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
             fq = e
@@ -198,7 +207,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv
             a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
         else:
             a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
-                             dim_slice=dim_slice)
+                             dim_slice=dim_slice, q=q, k=k)
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
         dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
@@ -206,7 +215,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv
         return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)
 
     def body(i, dh):
-        return run_chunk(step, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
+        return run_chunk(step, load, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
                          cnt_ref=cnt_ref, reverse=True)
 
     dh = lax.fori_loop(0, n_chunks, body,

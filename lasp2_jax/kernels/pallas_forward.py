@@ -123,7 +123,7 @@ def pair_weights_dim(bf, cnt, c: int):
 
 
 def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: int,
-                 dim_slice: int):
+                 dim_slice: int, q=None, k=None):
     """A = (q k^T) masked and decayed inside one chunk, [C, C] float32 (the intra-chunk term)."""
     if mode == PER_DIM:
         # A_ij = sum_d q_id k_jd exp(b_id - b_jd): no factorisation through one matmul keeps
@@ -136,7 +136,7 @@ def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: in
             w = pair_weights_dim(bf_ref[sl, ds], cnt_ref[sl, ds], c)
             a = a + jnp.sum(qs[:, None, :] * ks[None, :, :] * w, axis=2)
         return a
-    a = mm(q_ref[sl, :], k_ref[sl, :], tb=True)
+    a = mm(q_ref[sl, :] if q is None else q, k_ref[sl, :] if k is None else k, tb=True)
     if mode == SCALAR:
         return a * pair_weights(bf_ref[sl], cnt_ref[sl], c)
     return jnp.where(causal_mask(c), a, 0.0)
@@ -152,11 +152,8 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
     if mode == SCALAR:
         fq, fk, fa = chunk_factors(bf_ref[sl], cnt_ref[sl])
         return fq[:, None], fk[:, None], fa
-    ref = {} if before is None else dict(bf0=bf_ref[pl.ds(before, 1), :],
-                                         cnt0=cnt_ref[pl.ds(before, 1), :])
+    ref = {} if before is None else dict(bf0=bf_ref[before, :], cnt0=cnt_ref[before, :])
     fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :], **ref)
-    if before is not None:
-        fa = fa[0]
     return fq, fk, fa[:, None]
 
 
@@ -168,6 +165,7 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
 # per-dimension decay sub-chunks of SUB_CHUNK tokens with a [SUB, SUB, slice] product.
 SAFE_LOG_DECAY = -40.0
 SUB_CHUNK = 16
+FAST_PATH = True  # False: always the exact path (read when a kernel is traced)
 
 
 def fast_path_ok(bf_ref, cnt_ref, sl, mode: str):
@@ -193,29 +191,34 @@ def fast_factors(bf_ref, sl, mode: str):
             jnp.exp(last)[:, None])
 
 
-def run_chunk(step, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref, reverse: bool = False):
-    """Apply step(sl, c, carry, before, fast) -> carry to chunk ci.
+def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
+              reverse: bool = False):
+    """Apply step(sl, c, carry, before, fast, tiles) -> carry to chunk ci.
 
-    With a decay: the fast step when fast_path_ok, else the exact step (per-dimension decay:
-    on each sub-chunk, in reverse order for the backward recurrences).
+    load(sl) reads the chunk's input tiles ahead of any branch (so that the loads can be
+    pipelined). With a decay: the fast step when fast_path_ok, else the exact step (per-dimension
+    decay: on each sub-chunk, which reads its own tiles, in reverse order for the backward).
     """
     start = pl.multiple_of(ci * c, c)
     sl = pl.ds(start, c)
+    tiles = load(sl)
     if mode == NONE:
-        return step(sl, c, carry, None, False)
+        return step(sl, c, carry, None, False, tiles)
 
     def exact(carry):
         if mode == SCALAR:
-            return step(sl, c, carry, None, False)
+            return step(sl, c, carry, None, False, tiles)
         subs = range(c // SUB_CHUNK)
         for r in (reversed(subs) if reverse else subs):
             sub = pl.ds(start + r * SUB_CHUNK, SUB_CHUNK)
             carry = step(sub, SUB_CHUNK, carry, None if r == 0 else start + r * SUB_CHUNK - 1,
-                         False)
+                         False, load(sub))
         return carry
 
+    if not FAST_PATH:
+        return exact(carry)
     return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl, mode),
-                    lambda carry: step(sl, c, carry, None, True), exact, carry)
+                    lambda carry: step(sl, c, carry, None, True, tiles), exact, carry)
 
 
 def _scaled(x, f, split: frozenset = frozenset()):
@@ -359,8 +362,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
     # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
     split = DG_SPLIT if (mode != NONE and n_seg == 1) else frozenset()
 
-    def step(sl, cc, state, before, fast):
-        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+    def load(sl):
+        return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+
+    def step(sl, cc, state, before, fast, tiles):
+        q, k, v = tiles
         if fast:
             e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
             qs = (q.astype(_f32) * e).astype(q.dtype)
@@ -368,7 +374,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
             a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
         else:
             a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
-                             dim_slice=dim_slice)
+                             dim_slice=dim_slice, q=q, k=k)
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
             qs = _scaled(q, fq)
@@ -377,7 +383,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
     def body(ci, state):
-        return run_chunk(step, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
+        return run_chunk(step, load, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
 
     entry = segment_entry_state(s0_ref, m_ref, a_ref)
     state = lax.fori_loop(0, n_chunks, body, entry)
