@@ -288,7 +288,7 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
             g = None if gn is None else jnp.asarray(gn)
             b_fwd, b_fb = hbm_bytes(B, T, H, D, form)
             cases = [(impl, None) for impl in impls]
-            if form == "basic" or form == "simple_gla":
+            if (B, T) == shapes[0] and form in ("basic", "simple_gla"):
                 cases += [("pallas", v_) for v_ in variants]
             for impl, variant in cases:
                 name = impl if variant is None else f"pallas[{variant}]"
