@@ -37,14 +37,14 @@ from lasp2_jax.config import (  # noqa: F401 - re-exported: the configs of a run
     resolve_mesh,
     validate,
 )
-from lasp2_jax.mesh import logical_axis_rules, logical_to_spec
+from lasp2_jax.mesh import logical_axis_rules, logical_to_spec, make_mesh  # noqa: F401
 from lasp2_jax.metrics import (
     MetricsWriter,
     flops_per_token,
     matmul_param_count,
-    peak_flops_per_device,
     peak_memory_bytes,
 )
+from lasp2_jax.metrics import peak_flops_per_device as _device_peak_flops
 from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
 from lasp2_jax.models.layers import constrain
 
@@ -204,6 +204,11 @@ def make_eval_step(cfg: TrainConfig, mesh):
 _EVAL_MASK_OFFSET = 1 << 30
 
 
+def peak_flops_per_device(cfg: TrainConfig) -> float | None:
+    """TrainConfig.peak_flops, else the device's known bf16 peak (None on CPU: no MFU)."""
+    return _device_peak_flops(cfg.peak_flops)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -281,7 +286,7 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len,
                           matmul_param_count(abstract["params"], cfg.model))
-    peak = peak_flops_per_device(cfg.peak_flops)
+    peak = peak_flops_per_device(cfg)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     log(f"model: {n_params / 1e6:.2f}M params, layers {list(cfg.model.layer_mixers)}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "
