@@ -282,6 +282,11 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
         batches.set_state(data_state)
         last_ckpt = start
         log(f"resumed from step {start}")
+        if start >= cfg.steps:
+            log(f"already at step {start} >= TrainConfig.steps = {cfg.steps}: nothing to do "
+                "(raise TrainConfig.steps to train on)")
+            ckpt.close()
+            return RunResult("done", start, start, {})
 
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len,
