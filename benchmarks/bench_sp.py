@@ -145,6 +145,29 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
                 n_ops_between=len(between))
 
 
+def check_against_one_device(mesh, backend, T, H, D, dtype):
+    """LASP-2 over the mesh against the same op on one device: outputs and gradients."""
+    rng = np.random.default_rng(1)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((1, T, H, D)), dtype) for _ in range(4))
+    g = jnp.asarray(-rng.uniform(0.001, 0.1, (1, T, H)), jnp.float32)
+
+    def grads(m):
+        def loss(q, k, v, g):
+            o = lasp2_jax.linear_attention(q, k, v, log_decay=g, mesh=m, backend=backend)
+            return jnp.sum(o.astype(jnp.float32) * w)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g)
+
+    (l1, g1), (l2, g2) = grads(mesh), grads(None)
+    errs = [float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                  / jnp.linalg.norm(b.astype(jnp.float32))) for a, b in zip(g1, g2)]
+    print(f"check sp={mesh.shape['sp']} vs one device, T={T}: loss {float(l1):.4f} vs "
+          f"{float(l2):.4f}; grad rel errors q,k,v,g = {[f'{e:.1e}' for e in errs]}",
+          flush=True)
+    if not max(errs) < 2e-2:
+        raise SystemExit("sequence-parallel result differs from one device")
+    return errs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sp", type=int, default=None, help="default: all devices")
@@ -169,6 +192,8 @@ def main():
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     print(f"# {card} x{W}, jax {jax.__version__}, backend {args.backend}, H={args.heads}, "
           f"D={args.dim}, {jnp.dtype(dtype).name}", flush=True)
+    check_errs = check_against_one_device(mesh, args.backend, 8 * 1024 if not args.quick else 256,
+                                          args.heads, args.dim, dtype)
     t_start = time.time()
     rows, rng = [], np.random.default_rng(0)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -209,7 +234,8 @@ def main():
 
     tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
     result = dict(card=card, devices=W, jax=jax.__version__, heads=args.heads, dim=args.dim,
-                  dtype=jnp.dtype(dtype).name, rows=rows, overlap=overlap)
+                  dtype=jnp.dtype(dtype).name, rows=rows, overlap=overlap,
+                  check_grad_rel_errors=check_errs)
     with open(os.path.join(args.out, tag + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")

@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--models", default="pure,hybrid")
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
+    ap.add_argument("--cases", default=None,
+                    help="model:sp:tokens,... run just these, in order (else the full sweep)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--quick", action="store_true")
@@ -117,7 +119,15 @@ def main():
         print(json.dumps(row), flush=True)
         return True
 
-    for model in args.models.split(","):
+    if args.cases:
+        for case in args.cases.split(","):
+            model, sp, seq_len = case.split(":")
+            study = "weak" if int(seq_len) == args.weak_per_gpu * int(sp) else "length"
+            run(model, int(sp), int(seq_len), study)
+        models = []
+    else:
+        models = args.models.split(",")
+    for model in models:
         for sp in sorted({1, 2, W} if W >= 2 else {1}):
             run(model, sp, args.weak_per_gpu * sp, "weak")
         for seq_len in [int(x) for x in args.lengths.split(",")]:
