@@ -204,6 +204,15 @@ def main():
         return q, k, v, w
 
     overlap = None
+    tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
+
+    def save():  # after every case, so a run cut short keeps what it measured
+        result = dict(card=card, devices=W, jax=jax.__version__, heads=args.heads, dim=args.dim,
+                      dtype=jnp.dtype(dtype).name, rows=rows, overlap=overlap,
+                      check_grad_rel_errors=check_errs)
+        with open(os.path.join(args.out, tag + ".json"), "w") as f:
+            json.dump(result, f, indent=1)
+
     for T in lengths:
         if time.time() - t_start > args.budget_s:
             print(f"budget reached, skipping T={T} and longer", flush=True)
@@ -223,21 +232,17 @@ def main():
                 print(f"T={T} {name}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
                 continue
             rows.append(dict(method=name, T=T, sp=W, fwd_bwd_ms=ms, tokens_per_s=T / ms * 1e3))
+            save()
             print(f"T={T:>8} {name:<22} {ms:10.2f} ms  {T / ms * 1e3:14.0f} tok/s", flush=True)
         if overlap is None:
-            tag = card.replace(" ", "_")
             overlap = overlap_report(mesh, q, k, v, args.backend,
-                                     os.path.join(args.out, f"sp_{tag}_sp{W}_hlo.txt"))
+                                     os.path.join(args.out, f"{tag}_hlo.txt"))
             overlap["T"] = T
+            save()
             summary = {k: v for k, v in overlap.items() if k.startswith(("t_", "hidden"))}
             print(f"overlap at T={T}: {json.dumps(summary)}", flush=True)
 
-    tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
-    result = dict(card=card, devices=W, jax=jax.__version__, heads=args.heads, dim=args.dim,
-                  dtype=jnp.dtype(dtype).name, rows=rows, overlap=overlap,
-                  check_grad_rel_errors=check_errs)
-    with open(os.path.join(args.out, tag + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
     _table(rows)
 

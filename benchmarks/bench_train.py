@@ -99,6 +99,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(f"# {card} x{W}, jax {jax.__version__}", flush=True)
     t_start, rows = time.time(), []
+    tag = f"train_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
+
+    def save():  # after every case, so a run cut short keeps what it measured
+        with open(os.path.join(args.out, tag + ".json"), "w") as f:
+            json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
 
     def run(model, sp, seq_len, study):
         if time.time() - t_start > args.budget_s:
@@ -116,6 +121,7 @@ def main():
             return False
         row.update(model=model, study=study)
         rows.append(row)
+        save()
         print(json.dumps(row), flush=True)
         return True
 
@@ -134,9 +140,6 @@ def main():
             if seq_len % W or not run(model, W, seq_len, "length"):
                 break
 
-    tag = f"train_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
-    with open(os.path.join(args.out, tag + ".json"), "w") as f:
-        json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
     print(f"\n{'model':<8}{'study':<8}{'sp':>4}{'tokens':>10}{'tok/s':>12}{'tok/s/gpu':>12}"
           f"{'MFU':>8}{'mem GB':>9}")
