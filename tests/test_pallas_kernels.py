@@ -61,6 +61,7 @@ CASES = [
     ("lightning", (1, 100, 3, 16, 16), "lightning", False, 16),
     ("scalar", (1, 90, 2, 40, 24), "scalar", False, 16),
     ("scalar-resets-c32", (1, 130, 2, 20, 36), "scalar", True, 32),
+    ("scalar-resets-fast", (1, 140, 2, 24, 16), "scalar", True, 64),
     ("per_dim", (1, 70, 2, 24, 20), "per_dim", False, 16),
     ("per_dim-resets", (1, 64, 2, 18, 16), "per_dim", True, 16),
     # chunks of 64: the matmul fast path, and sub-chunks of 16 where a chunk has a reset
@@ -69,8 +70,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_chunk_attention_matches_recurrence(case):
-    _, (B, T, H, Dk, Dv), form, resets, chunk = case
+def test_chunk_attention_matches_recurrence(case, monkeypatch):
+    name, (B, T, H, Dk, Dv), form, resets, chunk = case
+    if name.endswith("fast"):  # the matmul fast path for a scalar decay (off by default)
+        monkeypatch.setattr(pallas_forward, "FAST_PATH_MODES",
+                            frozenset({pallas_forward.SCALAR, pallas_forward.PER_DIM}))
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
