@@ -240,6 +240,43 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
     return _chunk_attention(q, k, v, g, s0, float(scale), plan)
 
 
+def _summary_by_attention(k, v, g, config):
+    """M as the final state of the attention from zero with q = 0 (used for the backward)."""
+    return chunk_linear_attention(jnp.zeros_like(k), k, v, g, scale=1.0, config=config)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _summary(k, v, g, config):
+    """M [B, H, Dk, Dv]: the summary kernel per segment, folded over the segments."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    plan = _plan(B, T, H, Dk, Dv, _mode(g), 64, config)
+    s0 = jnp.zeros((B, H, Dk, Dv), _f32)
+    k, _, v, bf, cnt, a, _ = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
+    m = pallas_forward.segment_summary(
+        k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
+        block_sizes=plan.fwd, reverse=False, side="k", scale=1.0)
+    acc = m[:, :, 0]
+    for s in range(1, plan.segments):  # (A1, M1) o (A2, M2) = (A1 A2, A2 M1 + M2)
+        acc = a[:, :, s, :, None] * acc + m[:, :, s]
+    return acc[:, :, :Dk, :Dv]
+
+
+def _summary_fwd(k, v, g, config):
+    return _summary(k, v, g, config), (k, v, g)
+
+
+def _summary_bwd(config, res, dm):
+    # The backward of the summary is the dk / dv part of the attention's backward with a zero
+    # output cotangent: reuse it (its forward output is recomputed and dropped).
+    k, v, g = res
+    _, vjp = jax.vjp(lambda k_, v_, g_: _summary_by_attention(k_, v_, g_, config), k, v, g)
+    return vjp(dm)
+
+
+_summary.defvjp(_summary_fwd, _summary_bwd)
+
+
 def state_summary(k, v, log_decay=None, *, config: Config = DEFAULT_CONFIG):
     """The LASP-2 summary of a segment: its final state from zero, and its total log decay.
 
@@ -249,15 +286,13 @@ def state_summary(k, v, log_decay=None, *, config: Config = DEFAULT_CONFIG):
       M [B, H, Dk, Dv] float32 and the total log decay [B, H, Dk] (see xla.state_summary).
     """
     B, T, H, Dk = k.shape
-    # The summary is the final state of the attention from zero with q = 0; its backward is
-    # the dk / dv kernels with a zero output cotangent.
-    _, m = chunk_linear_attention(jnp.zeros_like(k), k, v, log_decay, scale=1.0,
-                                  config=config)
-    if log_decay is None:
+    g = None if log_decay is None else log_decay.astype(_f32)
+    m = _summary(k, v, g, config)
+    if g is None:
         total = jnp.zeros((B, H, Dk), _f32)
     else:
-        total = jnp.sum(log_decay.astype(_f32), axis=1)
-        if not is_per_dim(log_decay):
+        total = jnp.sum(g, axis=1)
+        if not is_per_dim(g):
             total = jnp.broadcast_to(total[..., None], (B, H, Dk))
     return m, total
 
