@@ -4,6 +4,8 @@ Each case compares the output, the final state and the gradients with respect to
 log_decay and initial_state on fresh random inputs, for several (dp, sp, tp) meshes.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,15 @@ def test_lasp2_matches_oracle(dp, sp, tp, form):
 @pytest.mark.parametrize("dp,sp,tp", MESHES, ids=lambda x: str(x))
 def test_bidirectional_matches_oracle(dp, sp, tp):
     _check(dp=dp, sp=sp, tp=tp, form="none", causal=False)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_lasp2_with_pallas_kernels_matches_oracle(form):
+    """LASP-2 running the Pallas kernels (interpret mode on CPU) inside its shard_map."""
+    _check(dp=1, sp=4, tp=2, form=form,
+           method=functools.partial(lasp2_jax.linear_attention, backend="pallas"))
+
+
 
 
 @pytest.mark.parametrize("local_len,chunk_size", [(8, 8), (5, 64), (16, 4)],

@@ -78,6 +78,39 @@ def finish(carry: Carry, dtype):
     return jnp.moveaxis(o, 3, 1).reshape(B, L, hkv * G, Dv).astype(dtype)
 
 
+def absorb_blocks(carry: Carry, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *,
+                  causal: bool, scale: float, block_size: int = 512) -> Carry:
+    """Absorb keys k, v [B, S, Hkv, D] at positions k_pos [S] one block at a time.
+
+    Logits never exceed [L, block_size] per head; ``jax.checkpoint`` on each block keeps only
+    the carries for the backward pass.
+    """
+    B, S = k.shape[:2]
+    bs = min(block_size, S)
+    pad = (-S) % bs
+    n = (S + pad) // bs
+
+    def blocks(x, fill=0):
+        if x is None:
+            return None
+        widths = [(0, 0)] * x.ndim
+        widths[x.ndim - 1 if x.ndim == 1 else 1] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+        if x.ndim == 1:
+            return x.reshape(n, bs)
+        return jnp.moveaxis(x.reshape(B, n, bs, *x.shape[2:]), 1, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def step(carry, xs):
+        kb, vb, pos, segb = xs
+        return attend_block(carry, q, kb, vb, q_pos, pos, q_seg, segb,
+                            causal=causal, scale=scale), None
+
+    xs = (blocks(k), blocks(v), blocks(k_pos, fill=-1), blocks(k_seg))
+    carry, _ = jax.lax.scan(step, carry, xs)
+    return carry
+
+
 def blockwise_attention(q, k, v, *, q_pos, causal: bool, scale: float, q_seg=None,
                         k_seg=None, block_size: int = 512):
     """Softmax attention of q against all of k, v, one key block at a time.
@@ -88,26 +121,7 @@ def blockwise_attention(q, k, v, *, q_pos, causal: bool, scale: float, q_seg=Non
     Returns:
       [B, L, H, Dv] in q's dtype.
     """
-    B, S, hkv, _ = k.shape
-    bs = min(block_size, S)
-    pad = (-S) % bs
-    n = (S + pad) // bs
-    k_pos = jnp.where(jnp.arange(S + pad) < S, jnp.arange(S + pad), -1)
-
-    def blocks(x):
-        if x is None:
-            return None
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, pad)
-        x = jnp.pad(x, widths)
-        return jnp.moveaxis(x.reshape(B, n, bs, *x.shape[2:]), 1, 0)
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def step(carry, xs):
-        kb, vb, pos, segb = xs
-        return attend_block(carry, q, kb, vb, q_pos, pos, q_seg, segb,
-                            causal=causal, scale=scale), None
-
-    xs = (blocks(k), blocks(v), k_pos.reshape(n, bs), blocks(k_seg))
-    carry, _ = jax.lax.scan(step, init_carry(q, hkv, v.shape[-1]), xs)
+    carry = init_carry(q, k.shape[2], v.shape[-1])
+    carry = absorb_blocks(carry, q, k, v, q_pos, jnp.arange(k.shape[1]), q_seg, k_seg,
+                          causal=causal, scale=scale, block_size=block_size)
     return finish(carry, q.dtype)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lasp2_jax.kernels.softmax_xla import attend_block, finish, init_carry
+from lasp2_jax.kernels.softmax_xla import absorb_blocks, finish, init_carry
 
 
-def ring_softmax(q, k, v, segment_ids=None, *, axis_name, causal: bool, scale: float):
+def ring_softmax(q, k, v, segment_ids=None, *, axis_name, causal: bool, scale: float,
+                 block_size: int = 512):
     """Shapes as in :func:`lasp2_jax.parallel.lasp2h.lasp2h_softmax`."""
     L = q.shape[1]
     world = jax.lax.axis_size(axis_name) if axis_name is not None else 1
@@ -22,8 +23,8 @@ def ring_softmax(q, k, v, segment_ids=None, *, axis_name, causal: bool, scale: f
     for step in range(world):
         source = (rank - step) % world  # the rank whose keys we hold at this step
         kb, vb, seg = block
-        carry = attend_block(carry, q, kb, vb, q_pos, source * L + jnp.arange(L), segment_ids,
-                             seg, causal=causal, scale=scale)
+        carry = absorb_blocks(carry, q, kb, vb, q_pos, source * L + jnp.arange(L), segment_ids,
+                              seg, causal=causal, scale=scale, block_size=block_size)
         if step < world - 1:
             block = jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, ring), block)
     return finish(carry, q.dtype)
