@@ -73,7 +73,6 @@ def test_lasp2_with_pallas_kernels_matches_oracle(form):
 
 
 
-
 @pytest.mark.parametrize("local_len,chunk_size", [(8, 8), (5, 64), (16, 4)],
                          ids=["one-chunk", "shorter-than-chunk", "four-chunks"])
 @pytest.mark.parametrize("form", ["token", "dim"])
