@@ -90,7 +90,9 @@ def _linear_local(method, q, k, v, log_decay, *, causal, scale, axis_name, chunk
     be = get_backend(backend)
     # GQA: decay is per query head, so each query head carries its own state.
     k, v = (jnp.repeat(x, H // x.shape[2], axis=2) for x in (k, v))
-    s0 = jnp.zeros((B, H, Dk, Dv), jnp.float32) if initial_state is None else initial_state
+    # States are float32 whatever the inputs (the custom VJPs return float32 cotangents).
+    s0 = (jnp.zeros((B, H, Dk, Dv), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
 
     if axis_name is None:
         if causal:
