@@ -83,7 +83,8 @@ def absorb_blocks(carry: Carry, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *
     """Absorb keys k, v [B, S, Hkv, D] at positions k_pos [S] one block at a time.
 
     Logits never exceed [L, block_size] per head; ``jax.checkpoint`` on each block keeps only
-    the carries for the backward pass.
+    the carries for the backward pass; blocks that no query can see are skipped (causal
+    attention on a late rank, or the upper half of Ring Attention's steps).
     """
     B, S = k.shape[:2]
     bs = min(block_size, S)
@@ -100,11 +101,20 @@ def absorb_blocks(carry: Carry, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *
             return x.reshape(n, bs)
         return jnp.moveaxis(x.reshape(B, n, bs, *x.shape[2:]), 1, 0)
 
+    last_query = jnp.max(q_pos)
+
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def step(carry, xs):
         kb, vb, pos, segb = xs
-        return attend_block(carry, q, kb, vb, q_pos, pos, q_seg, segb,
-                            causal=causal, scale=scale), None
+        # A block of padding, or (causal) of keys after every query, changes nothing: skip it.
+        first_key = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(pos.dtype).max))
+        visible = (first_key <= last_query) if causal else jnp.any(pos >= 0)
+        carry = jax.lax.cond(
+            visible,
+            lambda c: attend_block(c, q, kb, vb, q_pos, pos, q_seg, segb, causal=causal,
+                                   scale=scale),
+            lambda c: c, carry)
+        return carry, None
 
     xs = (blocks(k), blocks(v), blocks(k_pos, fill=-1), blocks(k_seg))
     carry, _ = jax.lax.scan(step, carry, xs)
