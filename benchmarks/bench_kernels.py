@@ -6,7 +6,7 @@ flash-linear-attention's (FLA) chunk kernels, measured in the same run.
     python benchmarks/bench_kernels.py --quick        # B=1 T=16384 only
     python benchmarks/bench_kernels.py --no-check     # skip the oracle checks
 
-Writes benchmarks/results/kernels.json and kernels.png (and copies them to $OUT if set).
+Writes <out>/<tag>.json and .png (default benchmarks/results/kernels.*).
 Decay forms: basic (none), lightning ([H], fixed per head), simple_gla ([B,T,H], data
 dependent), gla ([B,T,H,Dk]). FLOP counts are those of the chunked algorithm (C=64); the
 HBM floor moves every input and output once at the measured copy bandwidth.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -380,18 +379,17 @@ def main():
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="")
     p.add_argument("--tag", default="kernels")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
     dev = jax.devices()[0]
     out = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform)
     log(f"device {dev.device_kind}  jax {jax.__version__}")
-    os.makedirs(RESULTS, exist_ok=True)
-    jpath = os.path.join(RESULTS, f"{args.tag}.json")
+    os.makedirs(args.out, exist_ok=True)
+    jpath = os.path.join(args.out, f"{args.tag}.json")
 
-    def save():
+    def save():  # after every case, so a run cut short keeps what it measured
         with open(jpath, "w") as f:
             json.dump(out, f, indent=1)
-        if os.environ.get("OUT"):
-            shutil.copy(jpath, os.environ["OUT"])
 
     ok = True
     if not args.no_check and not args.check_last:
@@ -404,12 +402,8 @@ def main():
     if not args.no_check and args.check_last:
         ok = run_checks(out, args.quick_check)
     save()
-    ppath = os.path.join(RESULTS, f"{args.tag}.png")
+    ppath = os.path.join(args.out, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)
-    if os.environ.get("OUT"):
-        for pth in (jpath, ppath):
-            if os.path.exists(pth):
-                shutil.copy(pth, os.environ["OUT"])
     log(f"\n{dev.device_kind}, jax {jax.__version__}, bf16 H=16 D=128 (median ms)")
     log(f"{'B':>2} {'T':>6} {'form':10s} {'impl':22s} {'fwd':>8} {'fwd+bwd':>8} "
         f"{'TF/s':>6} {'floor':>6}")
