@@ -92,7 +92,9 @@ def state_shardings(tx, p_shardings, mcfg: ModelConfig, mesh):
 
 def init_state(cfg: TrainConfig, tx, shardings):
     """Params from the seed, fresh optimizer state, step 0: built already sharded."""
-    model = LinearLlama3(cfg.model)
+    # init traces one forward pass that is then thrown away; the portable backend keeps GPU
+    # kernels out of that compile (the params do not depend on the backend).
+    model = LinearLlama3(dataclasses.replace(cfg.model, backend="xla"))
 
     def init():
         params = nn.unbox(model.init(jax.random.key(cfg.seed),
