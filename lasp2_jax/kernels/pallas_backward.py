@@ -32,9 +32,9 @@ from lasp2_jax.kernels.pallas_forward import (
     SCALAR,
     _scaled,
     causal_mask,
+    chunk_scores,
     decay_operands,
     fast_factors,
-    intra_scores,
     load_factors,
     lowp,
     mm,
@@ -199,17 +199,8 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv
 
     def step(sl, cc, dh, before, fast, tiles):
         q, k, do = tiles
-        if fast:
-            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
-            fq = e
-            qs = (q.astype(_f32) * e).astype(q.dtype)
-            ks = (k.astype(_f32) * einv).astype(k.dtype)
-            a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
-        else:
-            a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
-                             dim_slice=dim_slice, q=q, k=k)
-            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
-            fq, fk, fa = (None, None, 1.0) if f is None else f
+        a, fq, fk, fa = chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast,
+                                     mode=mode, dk=dk, dim_slice=dim_slice)
         dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)

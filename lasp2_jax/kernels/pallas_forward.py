@@ -229,6 +229,24 @@ def _scaled(x, f, split: frozenset = frozenset()):
     return x if f is None else lowp(x.astype(_f32) * f, x.dtype, "qk_decay", split)
 
 
+def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, mode: str,
+                 dk: int, dim_slice: int):
+    """One chunk's masked decayed scores A [C, C] = (q k^T) * exp(b_i - b_j) * [j <= i], and
+    the factors (fq, fk, fa) that carry the state across it (None, None, 1.0: no decay).
+
+    ``fast``: factorise the decay as (q exp(b)) (k exp(-b))^T, one matmul; otherwise the
+    exact path of :func:`intra_scores` (resets, strong decays).
+    """
+    if fast:
+        e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+        a = jnp.where(causal_mask(cc), mm(_scaled(q, e), _scaled(k, einv), tb=True), 0.0)
+        return a, e, fk, fa
+    a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
+                     dim_slice=dim_slice, q=q, k=k)
+    f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+    return (a, None, None, 1.0) if f is None else (a, *f)
+
+
 # --------------------------------------------------------------------------------------------
 # Segment summary: M = sum over the segment of (x * f)^T y, chunk by chunk.
 
@@ -371,18 +389,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
 
     def step(sl, cc, state, before, fast, tiles):
         q, k, v = tiles
-        if fast:
-            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
-            qs = (q.astype(_f32) * e).astype(q.dtype)
-            ks = (k.astype(_f32) * einv).astype(k.dtype)
-            a = jnp.where(causal_mask(cc), mm(qs, ks, tb=True), 0.0)
-        else:
-            a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
-                             dim_slice=dim_slice, q=q, k=k)
-            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
-            fq, fk, fa = (None, None, 1.0) if f is None else f
-            qs = _scaled(q, fq)
-        o = mm(a.astype(v.dtype), v) + mm(qs, state.astype(q.dtype))
+        a, fq, fk, fa = chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast,
+                                     mode=mode, dk=dk, dim_slice=dim_slice)
+        o = mm(a.astype(v.dtype), v) + mm(_scaled(q, fq), state.astype(q.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
