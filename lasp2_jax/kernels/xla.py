@@ -124,9 +124,7 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
     # States entering each chunk: an inclusive scan over [initial state, chunk 0, ..., N-1].
     chunk_states = jnp.einsum("bhncd,bhnce->bhnde", kc * tail, vc)
     s0 = jnp.zeros((B, H, Dk, Dv), _f32) if initial_state is None else initial_state.astype(_f32)
-    decays = jnp.concatenate(
-        [jnp.ones_like(chunk_decay[:, :, :1]), jnp.broadcast_to(chunk_decay, chunk_decay.shape)],
-        axis=2)
+    decays = jnp.concatenate([jnp.ones_like(chunk_decay[:, :, :1]), chunk_decay], axis=2)
     sums = jnp.concatenate([s0[:, :, None], chunk_states], axis=2)
     _, states = jax.lax.associative_scan(_combine, (decays, sums), axis=2)
     o_inter = jnp.einsum("bhncd,bhnde->bhnce", qc * prefix, states[:, :, :n])
