@@ -54,6 +54,8 @@ def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEF
     g = None
     if form == "scalar":
         g = np.log(rng.uniform(0.3, 1.0, (B, T, H))).astype(np.float32)
+    elif form == "strong":  # strong decays: the exact pair weights, dg far below its terms
+        g = np.log(rng.uniform(1e-3, 1e-2, (B, T, H))).astype(np.float32)
     elif form == "per_dim":
         g = np.log(rng.uniform(0.3, 1.0, (B, T, H, Dk))).astype(np.float32)
     if g is not None and resets:
@@ -113,7 +115,7 @@ def run_checks(out, quick=False):
     ]
     dtypes = ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
     for case in cases[1:] if quick else cases:
-        for form in ("none", "scalar", "per_dim"):
+        for form in ("none", "scalar", "strong", "per_dim"):
             for dtype, tol in dtypes[:1] if quick and form != "none" else dtypes:
                 for resets in ((False, True) if form != "none" and not quick else (quick,)):
                     t0 = time.time()
@@ -195,7 +197,11 @@ def bench_jax(impl, q, k, v, g, do, scale, config=None):
 
     @jax.jit
     def fwd_bwd(q_, k_, v_, g_, do_):
-        o, vjp = jax.vjp(attn, q_, k_, v_, g_)
+        if g_ is not None and g_.ndim == 1:
+            # Lightning's decay is fixed, not learned (as FLA's g_gamma): no decay gradient.
+            o, vjp = jax.vjp(lambda a, b, c: attn(a, b, c, g_), q_, k_, v_)
+        else:
+            o, vjp = jax.vjp(attn, q_, k_, v_, g_)
         return vjp(do_)
 
     t_f = time_calls(lambda: fwd(q, k, v, g), jax_sync)
@@ -374,15 +380,24 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--quick-check", action="store_true")
+    p.add_argument("--check-only", action="store_true", help="the oracle checks, no timings")
     p.add_argument("--check-last", action="store_true", help="time first, then check")
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="")
+    p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
+    p.add_argument("--dg-split", default=None,
+                   help="override pallas_forward.DG_SPLIT: comma list, or 'none'")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
     dev = jax.devices()[0]
     out = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform)
+    if args.dg_split is not None:
+        split = [] if args.dg_split == "none" else args.dg_split.split(",")
+        pallas_forward.DG_SPLIT = frozenset(split)
+    out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
+    log(f"DG_SPLIT = {out['dg_split']}")
     log(f"device {dev.device_kind}  jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, f"{args.tag}.json")
@@ -395,7 +410,11 @@ def main():
     if not args.no_check and not args.check_last:
         ok = run_checks(out, args.quick_check)
         save()
-    shapes = [(1, 16384)] if args.quick else [(1, 16384), (4, 16384), (1, 65536)]
+    if args.check_only:
+        log("checks:", "all OK" if ok else "FAILURES")
+        return
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = shapes[:1] if args.quick else shapes
     variants = [v for v in args.variants.split(",") if v]
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)

@@ -49,7 +49,10 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
     T.validate(cfg, mesh)
     tx, schedule = T.make_optimizer(cfg.optimizer, cfg.steps)
     shardings = T.state_shardings(tx, T.param_shardings(mcfg, mesh), mcfg, mesh)
+    t0 = time.perf_counter()
     state = T.init_state(cfg, tx, shardings)
+    jax.block_until_ready(state)
+    t_init = time.perf_counter() - t0
     step_fn = T.make_train_step(cfg, tx, schedule, mesh, shardings)
     data_sh = NamedSharding(mesh, PartitionSpec("dp", "sp"))
     rng = np.random.default_rng(0)
@@ -58,8 +61,12 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
                  targets=jax.device_put(tokens[:, 1:], data_sh),
                  weights=jax.device_put(np.ones((1, seq_len), np.float32), data_sh),
                  segment_ids=None)
-    for _ in range(2):  # compile and warm up
-        state, metrics = step_fn(state, batch)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)  # compile
+    jax.block_until_ready(metrics)
+    t_compile = time.perf_counter() - t0
+    print(f"  init {t_init:.1f} s, first step (compile) {t_compile:.1f} s", flush=True)
+    state, metrics = step_fn(state, batch)  # warm up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
@@ -75,7 +82,8 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
     tps = seq_len / dt
     return dict(sp=sp, seq_len=seq_len, step_s=dt, tokens_per_s=tps, tokens_per_s_per_gpu=tps / sp,
                 mfu=fpt * tps / (peak * sp) if peak else None, peak_memory_gb=mem / 1e9,
-                memory_kind=kind, loss=float(metrics["loss"]))
+                memory_kind=kind, loss=float(metrics["loss"]), init_s=t_init,
+                first_step_s=t_compile)
 
 
 def main():
@@ -88,10 +96,13 @@ def main():
                     help="model:sp:tokens,... run just these, in order (else the full sweep)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     base = dict(TINY) if args.quick else dict(LLAMA3_1B)
+    if args.layers:
+        base["n_layers"] = args.layers
     if args.quick:
         args.lengths, args.weak_per_gpu = "256,1024", 128
     W = args.sp or jax.device_count()

@@ -27,3 +27,25 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 
     cls = getattr(plt, "CompilerParams", None) or pl.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def unwrap_primals(*args):
+    """Values and perturbed bits of the arguments a ``custom_vjp`` forward rule gets when it is
+    defined with ``symbolic_zeros=True`` (``None`` stays ``None``, and is not perturbed).
+
+    Returns (values tuple, perturbed tuple).
+    """
+    values = tuple(None if a is None else a.value for a in args)
+    perturbed = tuple(a is not None and a.perturbed for a in args)
+    return values, perturbed
+
+
+def dense_cotangent(ct):
+    """A cotangent that may arrive as a symbolic zero (``symbolic_zeros=True``), as an array."""
+    from jax.custom_derivatives import SymbolicZero
+
+    if isinstance(ct, SymbolicZero):
+        import jax.numpy as jnp
+
+        return jnp.zeros(ct.shape, ct.dtype)
+    return ct

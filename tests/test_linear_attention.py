@@ -22,7 +22,8 @@ FORMS = ["none", "head", "token", "dim"]
 
 
 def _check(*, dp, sp, tp, form, causal=True, local_len=12, chunk_size=8, heads=4,
-           kv_heads=2, with_state=True, method=lasp2_jax.linear_attention, scale=None):
+           kv_heads=2, with_state=True, method=lasp2_jax.linear_attention, scale=None,
+           fixed_decay=False):
     r = rng()
     B, T, Dk, Dv = 2 * dp, local_len * sp, 8, 6
     q = normal(r, (B, T, heads, Dk))
@@ -42,6 +43,10 @@ def _check(*, dp, sp, tp, form, causal=True, local_len=12, chunk_size=8, heads=4
 
     cots = [normal(r, (B, T, heads, Dv)), normal(r, (B, heads, Dk, Dv))]
     args = [q, k, v, g, s0]
+    if fixed_decay:  # closed over, so not differentiated: the backends skip its gradient
+        ours, oracle = (functools.partial(lambda f, q, k, v, _, s0: f(q, k, v, g, s0), f)
+                        for f in (ours, oracle))
+        args[3] = None
     (o, final), grads = value_and_grads(jax.jit(ours), args, cots)
     (o_ref, final_ref), grads_ref = in_float64(oracle, args, cots)
     assert rel_err(o, o_ref) < TOL
@@ -58,6 +63,15 @@ def _check(*, dp, sp, tp, form, causal=True, local_len=12, chunk_size=8, heads=4
 def test_lasp2_matches_oracle(dp, sp, tp, form):
     """GQA (4 query heads on 2 kv heads), initial and final state, ragged local length."""
     _check(dp=dp, sp=sp, tp=tp, form=form)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("form", ["head", "token", "dim"])
+def test_fixed_decay(form, backend):
+    """A decay that is not differentiated (Lightning's, RetNet's) takes the backward without
+    the decay-gradient work; the other gradients are unchanged."""
+    _check(dp=1, sp=4, tp=1, form=form, fixed_decay=True,
+           method=functools.partial(lasp2_jax.linear_attention, backend=backend))
 
 
 @pytest.mark.parametrize("dp,sp,tp", MESHES, ids=lambda x: str(x))

@@ -30,6 +30,8 @@ def _inputs(B, T, H, Dk, Dv, form, resets=False):
         g = np.broadcast_to(-np.linspace(0.05, 1.0, H, dtype=np.float32), (B, T, H)).copy()
     elif form == "scalar":
         g = np.log(RNG.uniform(0.3, 1.0, (B, T, H))).astype(np.float32)
+    elif form == "strong":  # chunks decay below FACTOR_LOG_DECAY: the exact pair weights
+        g = np.log(RNG.uniform(1e-3, 1e-2, (B, T, H))).astype(np.float32)
     elif form == "per_dim":
         g = np.log(RNG.uniform(0.3, 1.0, (B, T, H, Dk))).astype(np.float32)
     if resets and g is not None:
@@ -61,7 +63,9 @@ CASES = [
     ("lightning", (1, 100, 3, 16, 16), "lightning", False, 16),
     ("scalar", (1, 90, 2, 40, 24), "scalar", False, 16),
     ("scalar-resets-c32", (1, 130, 2, 20, 36), "scalar", True, 32),
-    ("scalar-resets-fast", (1, 140, 2, 24, 16), "scalar", True, 64),
+    # two segments: one with resets (exact pair weights), one without (factorised)
+    ("scalar-resets-c64", (1, 140, 2, 24, 16), "scalar", True, 64),
+    ("scalar-strong", (1, 100, 2, 16, 16), "strong", False, 32),
     ("per_dim", (1, 70, 2, 24, 20), "per_dim", False, 16),
     ("per_dim-resets", (1, 64, 2, 18, 16), "per_dim", True, 16),
     # chunks of 64: the matmul fast path, and sub-chunks of 16 where a chunk has a reset
@@ -70,11 +74,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_chunk_attention_matches_recurrence(case, monkeypatch):
+def test_chunk_attention_matches_recurrence(case):
     name, (B, T, H, Dk, Dv), form, resets, chunk = case
-    if name.endswith("fast"):  # the matmul fast path for a scalar decay (off by default)
-        monkeypatch.setattr(pallas_forward, "FAST_PATH_MODES",
-                            frozenset({pallas_forward.SCALAR, pallas_forward.PER_DIM}))
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
@@ -95,6 +96,31 @@ def test_chunk_attention_matches_recurrence(case, monkeypatch):
             continue
         assert a.shape == b.shape, name
         assert np.isfinite(np.asarray(a)).all(), f"{name} has unwritten (NaN) or inf elements"
+        # With a strong decay dg is a sum of per-token terms much larger than itself: float32
+        # keeps it to about 1e-4 (the issue's bar for float32 is 1e-3).
+        tol = 5e-4 if (name == "dg" and form == "strong") else 1e-4
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("form", ["lightning", "scalar", "per_dim"])
+def test_fixed_decay_gradients(form):
+    """A decay that is not differentiated (closed over) takes the backward without the decay
+    gradient: dq, dk, dv and the initial-state cotangent still match the oracle."""
+    B, T, H, Dk, Dv = 1, 130, 2, 24, 20
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form == "scalar")
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    backend = backends.get_backend("pallas")
+
+    def f(q_, k_, v_, s_):
+        return backend.chunk_attention(q_, k_, v_, jnp.asarray(g), scale=0.3, chunk_size=32,
+                                       initial_state=s_)
+
+    (o, st), vjp = jax.vjp(f, q, k, v, s0)
+    got = [o, st, *vjp((do, dst))]
+    want = _reference_vjp(q, k, v, g, s0, 0.3, do, dst)
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "ds0"], got,
+                          want[:5] + want[6:], strict=True):
         assert _rel(a, b) < 1e-4, (name, _rel(a, b))
 
 

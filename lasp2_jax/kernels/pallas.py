@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import is_per_dim
 from lasp2_jax.kernels import pallas_backward, pallas_forward
 from lasp2_jax.kernels.backends import Backend
@@ -95,10 +96,12 @@ def _plan(B: int, T: int, H: int, Dk: int, Dv: int, mode: str, chunk_size: int,
 
 
 def _decay_tables(g, plan: _Plan):
-    """Chunk-local (bf, cnt) of the module docstring of pallas_forward, and the segment totals.
+    """Chunk-local (bf, cnt) of the module docstring of pallas_forward, the segment totals and
+    the per-segment flags of pallas_forward.chunk_loop.
 
-    g: [B, T, H] or [B, T, H, Dk] padded. Returns bf, cnt in g's layout and A [B, H, S, Dk]
-    (the factor exp(sum of g over the segment), exactly 0 across a reset).
+    g: [B, T, H] or [B, T, H, Dk] padded. Returns bf, cnt in g's layout, A [B, H, S, Dk]
+    (the factor exp(sum of g over the segment), exactly 0 across a reset) and fast [B, H, S]
+    int32 (scalar decay: 1 where no reset and every chunk's total >= FACTOR_LOG_DECAY).
     """
     reset = g < RESET_LOG_DECAY
     gf = jnp.where(reset, 0.0, g)
@@ -114,9 +117,14 @@ def _decay_tables(g, plan: _Plan):
     total = jnp.sum(seg(gf), axis=2)
     any_reset = jnp.any(seg(reset), axis=2)
     a = jnp.where(any_reset, 0.0, jnp.exp(total))  # [B, S, H(, Dk)]
+    fast = jnp.zeros((B, plan.segments, g.shape[2]), jnp.int32)
     if a.ndim == 3:
         a = jnp.broadcast_to(a[..., None], (*a.shape, plan.dk))
-    return bf, cnt, jnp.moveaxis(a, 1, 2)
+        chunk_total = chunked(bf)[:, :, -1]  # [B, N, H]
+        weak = jnp.all(chunk_total.reshape(B, S, -1, g.shape[2])
+                       >= pallas_forward.FACTOR_LOG_DECAY, axis=2)
+        fast = (weak & ~any_reset).astype(jnp.int32)
+    return bf, cnt, jnp.moveaxis(a, 1, 2), jnp.moveaxis(fast, 1, 2)
 
 
 def _reverse_cumsum(x, c: int):
@@ -137,74 +145,85 @@ def _prepare(q, k, v, g, s0, plan: _Plan):
     s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
     if g is None:
         a = jnp.ones((q.shape[0], q.shape[2], plan.segments, plan.dk), _f32)
-        return q, k, v, None, None, a, s0
+        return q, k, v, None, None, None, a, s0
     g = _pad_axis(g, 1, plan.t_pad)
     if g.ndim == 4:
         g = _pad_axis(g, 3, plan.dk)
-    bf, cnt, a = _decay_tables(g, plan)
-    return q, k, v, bf, cnt, a, s0
+    bf, cnt, a, fast = _decay_tables(g, plan)
+    return q, k, v, bf, cnt, fast, a, s0
 
 
-def _forward(q, k, v, g, s0, scale: float, plan: _Plan):
+def _forward(q, k, v, g, s0, scale: float, plan: _Plan, decay_grad: bool):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    q, k, v, bf, cnt, a, s0 = _prepare(q, k, v, g, s0, plan)
+    q, k, v, bf, cnt, fast, a, s0 = _prepare(q, k, v, g, s0, plan)
     if plan.segments > 1:
         m = pallas_forward.segment_summary(
             k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-            block_sizes=plan.fwd, reverse=False, side="k", scale=1.0)
+            block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
     else:
         m = jnp.zeros((B, H, 1, plan.dk, plan.dv), _f32)
-    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, s0, m, a, mode=plan.mode,
+    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, mode=plan.mode,
                                               scale=scale, block_sizes=plan.fwd,
-                                              out_dtype=q.dtype)
-    residuals = (q, k, v, bf, cnt, a, s0, m, final)
+                                              out_dtype=q.dtype, decay_grad=decay_grad)
+    residuals = (q, k, v, bf, cnt, fast, a, s0, m, final)
     return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _chunk_attention(q, k, v, g, s0, scale, plan):
-    o, final, _ = _forward(q, k, v, g, s0, scale, plan)
+    o, final, _ = _forward(q, k, v, g, s0, scale, plan, decay_grad=False)
     return o, final
 
 
 def _chunk_attention_fwd(q, k, v, g, s0, scale, plan):
-    o, final, res = _forward(q, k, v, g, s0, scale, plan)
-    return (o, final), res
+    # symbolic_zeros: the arrays arrive as CustomVJPPrimal. A decay that is not differentiated
+    # (Lightning's and RetNet's fixed decays) spares the backward its decay-gradient work.
+    (q, k, v, g, s0), perturbed = unwrap_primals(q, k, v, g, s0)
+    decay_grad = perturbed[3]
+    o, final, res = _forward(q, k, v, g, s0, scale, plan, decay_grad)
+    # The flag travels in the residuals' structure: () when the decay gradient is wanted.
+    return (o, final), (res, () if decay_grad else None)
 
 
-def _chunk_attention_bwd(scale, plan, res, cts):
-    q, k, v, bf, cnt, a, s0, m, final = res
+def _chunk_attention_bwd(scale, plan, residuals, cts):
+    res, decay_grad = residuals[0], residuals[1] is not None
+    q, k, v, bf, cnt, fast, a, s0, m, final = res
     T, H, Dk, Dv = plan.t, q.shape[2], plan.dk_in, plan.dv_in
-    do, dst = cts
+    do, dst = (dense_cotangent(ct) for ct in cts)
     do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
     if plan.segments > 1:
         dm = pallas_forward.segment_summary(
             q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-            block_sizes=plan.fwd, reverse=True, side="q", scale=scale)
+            block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
     else:
         dm = jnp.zeros_like(m)
     dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
-        q, k, v, do, bf, cnt, s0, m, dst, dm, a, mode=plan.mode, scale=scale,
-        chunk=plan.chunk, block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice)
+        q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, mode=plan.mode, scale=scale,
+        chunk=plan.chunk, block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice,
+        decay_grad=decay_grad)
     dg = None
-    if plan.mode != NONE:
+    if decay_grad:
         # dL/db_t = q_t dq_t - k_t dk_t, plus sum_e S_T dS_T at the last token; dg_t sums
-        # dL/db over s >= t (see pallas_backward's docstring).
+        # dL/db over s >= t (see pallas_backward's docstring). The last token's k dk nearly
+        # cancels the final-state term: adding that term first, at the last token, keeps the
+        # large pair out of the running sum (added at the end, it cost f32 100x in dg).
         final_term = jnp.sum(final * dst, axis=-1)  # [B, H, Dk]
         if plan.mode == SCALAR:
             db = jnp.sum(dbq - dbk, axis=-1)  # [B, T, H]
-            final_term = jnp.sum(final_term, axis=-1)[:, None, :]
+            final_term = jnp.sum(final_term, axis=-1)
         else:
             db = dbq - dbk
-            final_term = final_term[:, None]
-        dg = _reverse_cumsum(db, plan.chunk) + final_term
+        db = db.at[:, -1].add(final_term)
+        dg = _reverse_cumsum(db, plan.chunk)
         dg = dg[:, :T] if plan.mode == SCALAR else dg[:, :T, :, :Dk]
     return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
 
 
-_chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd)
+_chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd, symbolic_zeros=True)
+# Called through jit: eager shard_map refuses a custom_vjp with symbolic zeros, a jit is fine.
+_chunk_attention_jit = jax.jit(_chunk_attention, static_argnums=(5, 6))
 
 
 def _mode(log_decay) -> str:
@@ -237,7 +256,7 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
     g = None if log_decay is None else log_decay.astype(_f32)
     k = k.astype(q.dtype)
     v = v.astype(q.dtype)
-    return _chunk_attention(q, k, v, g, s0, float(scale), plan)
+    return _chunk_attention_jit(q, k, v, g, s0, float(scale), plan)
 
 
 def _summary_by_attention(k, v, g, config):
@@ -245,36 +264,47 @@ def _summary_by_attention(k, v, g, config):
     return chunk_linear_attention(jnp.zeros_like(k), k, v, g, scale=1.0, config=config)[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _summary(k, v, g, config):
+def _summary_value(k, v, g, config, decay_grad: bool):
     """M [B, H, Dk, Dv]: the summary kernel per segment, folded over the segments."""
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     plan = _plan(B, T, H, Dk, Dv, _mode(g), 64, config)
     s0 = jnp.zeros((B, H, Dk, Dv), _f32)
-    k, _, v, bf, cnt, a, _ = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
+    k, _, v, bf, cnt, _, a, _ = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
     m = pallas_forward.segment_summary(
         k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-        block_sizes=plan.fwd, reverse=False, side="k", scale=1.0)
+        block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
     acc = m[:, :, 0]
     for s in range(1, plan.segments):  # (A1, M1) o (A2, M2) = (A1 A2, A2 M1 + M2)
         acc = a[:, :, s, :, None] * acc + m[:, :, s]
     return acc[:, :, :Dk, :Dv]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _summary(k, v, g, config):
+    return _summary_value(k, v, g, config, decay_grad=False)
+
+
 def _summary_fwd(k, v, g, config):
-    return _summary(k, v, g, config), (k, v, g)
+    (k, v, g), perturbed = unwrap_primals(k, v, g)  # symbolic_zeros: see _chunk_attention_fwd
+    decay_grad = perturbed[2]
+    return _summary_value(k, v, g, config, decay_grad), (k, v, g, () if decay_grad else None)
 
 
 def _summary_bwd(config, res, dm):
     # The backward of the summary is the dk / dv part of the attention's backward with a zero
     # output cotangent: reuse it (its forward output is recomputed and dropped).
-    k, v, g = res
+    k, v, g, decay_grad = res
+    dm = dense_cotangent(dm)
+    if decay_grad is None:  # a fixed decay: close over it, so no decay gradient is computed
+        _, vjp = jax.vjp(lambda k_, v_: _summary_by_attention(k_, v_, g, config), k, v)
+        return (*vjp(dm), None)
     _, vjp = jax.vjp(lambda k_, v_, g_: _summary_by_attention(k_, v_, g_, config), k, v, g)
     return vjp(dm)
 
 
-_summary.defvjp(_summary_fwd, _summary_bwd)
+_summary.defvjp(_summary_fwd, _summary_bwd, symbolic_zeros=True)
+_summary_jit = jax.jit(_summary, static_argnums=(3,))  # see _chunk_attention_jit
 
 
 def state_summary(k, v, log_decay=None, *, config: Config = DEFAULT_CONFIG):
@@ -287,7 +317,7 @@ def state_summary(k, v, log_decay=None, *, config: Config = DEFAULT_CONFIG):
     """
     B, T, H, Dk = k.shape
     g = None if log_decay is None else log_decay.astype(_f32)
-    m = _summary(k, v, g, config)
+    m = _summary_jit(k, v, g, config)
     if g is None:
         total = jnp.zeros((B, H, Dk), _f32)
     else:

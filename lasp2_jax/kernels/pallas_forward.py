@@ -110,8 +110,17 @@ def chunk_factors(bf, cnt, bf0=0.0, cnt0=0.0):
     return fq, fk, fa
 
 
-def pair_weights(bf, cnt, c: int):
-    """[C, C] causal decay weights exp(b_i - b_j) for j <= i (scalar decay); 0 across resets."""
+def pair_weights(bf, cnt, c: int, factorised: bool = False):
+    """[C, C] causal decay weights exp(b_i - b_j) for j <= i (scalar decay); 0 across resets.
+
+    factorised: the chunk has no reset and b_C >= FACTOR_LOG_DECAY (see :func:`chunk_loop`):
+    exp(b_i - r) * exp(r - b_j) with r = b_C / 2 keeps both factors within exp(+-40), so the
+    [C, C] table costs two [C] exponentials instead of C * C.
+    """
+    if factorised:
+        ref = 0.5 * jnp.min(bf, axis=0)
+        w = jnp.exp(bf - ref)[:, None] * jnp.exp(ref - bf)[None, :]
+        return jnp.where(causal_mask(c), w, 0.0)
     keep = causal_mask(c) & (cnt[:, None] == cnt[None, :])
     return jnp.where(keep, jnp.exp(jnp.minimum(bf[:, None] - bf[None, :], 0.0)), 0.0)
 
@@ -123,7 +132,7 @@ def pair_weights_dim(bf, cnt, c: int):
 
 
 def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: int,
-                 dim_slice: int, q=None, k=None):
+                 dim_slice: int, q=None, k=None, factorised: bool = False):
     """A = (q k^T) masked and decayed inside one chunk, [C, C] float32 (the intra-chunk term)."""
     if mode == PER_DIM:
         # A_ij = sum_d q_id k_jd exp(b_id - b_jd): no factorisation through one matmul keeps
@@ -138,7 +147,7 @@ def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: in
         return a
     a = mm(q_ref[sl, :] if q is None else q, k_ref[sl, :] if k is None else k, tb=True)
     if mode == SCALAR:
-        return a * pair_weights(bf_ref[sl], cnt_ref[sl], c)
+        return a * pair_weights(bf_ref[sl], cnt_ref[sl], c, factorised)
     return jnp.where(causal_mask(c), a, 0.0)
 
 
@@ -196,22 +205,23 @@ def fast_factors(bf_ref, sl, mode: str):
 
 
 def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
-              reverse: bool = False):
+              reverse: bool = False, factorised: bool = False):
     """Apply step(sl, c, carry, before, fast, tiles) -> carry to chunk ci.
 
     load(sl) reads the chunk's input tiles ahead of any branch (so that the loads can be
-    pipelined). With a decay: the fast step when fast_path_ok, else the exact step (per-dimension
-    decay: on each sub-chunk, which reads its own tiles, in reverse order for the backward).
+    pipelined). Scalar decay: ``fast`` is the program's choice of ``factorised`` pair weights
+    (:func:`chunk_loop`). Per-dimension decay: the fast step when fast_path_ok, else the exact
+    step on each sub-chunk, which reads its own tiles (in reverse order for the backward).
     """
     start = pl.multiple_of(ci * c, c)
     sl = pl.ds(start, c)
     tiles = load(sl)
     if mode == NONE:
         return step(sl, c, carry, None, False, tiles)
+    if mode == SCALAR:
+        return step(sl, c, carry, None, factorised, tiles)
 
     def exact(carry):
-        if mode == SCALAR:
-            return step(sl, c, carry, None, False, tiles)
         subs = range(c // SUB_CHUNK)
         for r in (reversed(subs) if reverse else subs):
             sub = pl.ds(start + r * SUB_CHUNK, SUB_CHUNK)
@@ -225,6 +235,31 @@ def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
                     lambda carry: step(sl, c, carry, None, True, tiles), exact, carry)
 
 
+# A program whose segment has no reset and no chunk with b_C below this takes the factorised
+# pair weights of a scalar decay (pair_weights): its factors stay within exp(+-40).
+FACTOR_LOG_DECAY = -80.0
+
+
+def chunk_loop(n_chunks: int, body, init, *, mode: str, fast_ref):
+    """lax.fori_loop over the chunks of body(i, carry, factorised) -> carry.
+
+    With a scalar decay the program reads its segment's flag in ``fast_ref`` ([S] int32, 1 where
+    the pair weights may be factorised) once and runs one of two loops. The branch sits outside
+    the loop: on an H100 a branch inside the chunk loop made the scalar forms 2x slower
+    (benchmarks/NOTES_kernels.md, v3).
+    """
+    def loop(factorised):
+        return lambda carry: lax.fori_loop(
+            0, n_chunks, functools.partial(body, factorised=factorised), carry)
+
+    if mode != SCALAR:
+        return loop(False)(init)
+    flags = fast_ref[...]
+    mine = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, flags.shape, 0)
+                             == pl.program_id(1), flags, 0))
+    return lax.cond(mine != 0, loop(True), loop(False), init)
+
+
 def _scaled(x, f, split: frozenset = frozenset()):
     return x if f is None else lowp(x.astype(_f32) * f, x.dtype, "qk_decay", split)
 
@@ -234,15 +269,15 @@ def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, m
     """One chunk's masked decayed scores A [C, C] = (q k^T) * exp(b_i - b_j) * [j <= i], and
     the factors (fq, fk, fa) that carry the state across it (None, None, 1.0: no decay).
 
-    ``fast``: factorise the decay as (q exp(b)) (k exp(-b))^T, one matmul; otherwise the
-    exact path of :func:`intra_scores` (resets, strong decays).
+    ``fast``: per-dimension decay, factorise it as (q exp(b)) (k exp(-b))^T, one matmul;
+    scalar decay, factorised pair weights; otherwise the exact path of :func:`intra_scores`.
     """
-    if fast:
+    if fast and mode == PER_DIM:
         e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
         a = jnp.where(causal_mask(cc), mm(_scaled(q, e), _scaled(k, einv), tb=True), 0.0)
         return a, e, fk, fa
     a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
-                     dim_slice=dim_slice, q=q, k=k)
+                     dim_slice=dim_slice, q=q, k=k, factorised=fast)
     f = load_factors(bf_ref, cnt_ref, sl, mode, before)
     return (a, None, None, 1.0) if f is None else (a, *f)
 
@@ -276,11 +311,13 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: i
 
 
 def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
-                    block_sizes: BlockSizes, reverse: bool, side: str, scale: float):
+                    block_sizes: BlockSizes, reverse: bool, side: str, scale: float,
+                    decay_grad: bool = True):
     """Per-segment summaries [B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`).
 
     x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, T, H] or [B, T, H, Dk] (None without decay).
-    T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two.
+    T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two. decay_grad: the log-decay
+    gradient will be taken (decayed operands enter in two bf16 parts, see DG_SPLIT).
     """
     B, T, H, dk = x.shape
     dv = y.shape[-1]
@@ -297,8 +334,8 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
     in_specs += dspecs
     kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
                                reverse=reverse, side=side, scale=scale,
-                               split=DG_SPLIT if mode != NONE else frozenset())
-    kernel = with_decay_refs(kernel, 2, bf is not None)
+                               split=DG_SPLIT if mode != NONE and decay_grad else frozenset())
+    kernel = with_decay_refs(kernel, 2, bf is not None, flags=False)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -313,26 +350,31 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
     )(*args)
 
 
-def with_decay_refs(kernel, position: int, has_decay: bool):
-    """Without decay the pallas_call gets no (bf, cnt) operands: pass None refs in their place."""
+def with_decay_refs(kernel, position: int, has_decay: bool, flags: bool = True):
+    """Without decay the pallas_call gets no (bf, cnt[, fast]) operands: pass None refs in
+    their place (flags: the kernel takes the per-segment ``fast`` flags after bf and cnt)."""
     if has_decay:
         return kernel
 
     def wrapped(*refs):
-        return kernel(*refs[:position], None, None, *refs[position:])
+        return kernel(*refs[:position], *([None] * (3 if flags else 2)), *refs[position:])
 
     return wrapped
 
 
-def decay_operands(bf, cnt, L: int, H: int, dk: int):
-    """(operands, BlockSpecs) of the chunk-local decays; empty without decay."""
+def decay_operands(bf, cnt, L: int, H: int, dk: int, fast=None):
+    """(operands, BlockSpecs) of the chunk-local decays (and of the per-segment flags
+    fast [B, H, S] of :func:`chunk_loop`, when given); empty without decay."""
     if bf is None:
         return [], []
     if bf.ndim == 3:
         spec = pl.BlockSpec((None, L, None), lambda bh, s, j: (bh // H, s, bh % H))
     else:
         spec = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
-    return [bf, cnt], [spec, spec]
+    if fast is None:
+        return [bf, cnt], [spec, spec]
+    flag_spec = pl.BlockSpec((None, None, fast.shape[-1]), lambda bh, s, j: (bh // H, bh % H, 0))
+    return [bf, cnt, fast], [spec, spec, flag_spec]
 
 
 def segment_entry_state(s0_ref, m_ref, a_ref, reverse: bool = False):
@@ -371,9 +413,9 @@ def summary_specs(H: int, S: int, rows: int, cols: int, row_block: bool):
 # Outputs: o = scale * (A v + (q * fq) S_in), chunk by chunk, from each segment's incoming state.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, o_ref, final_ref,
-                    *, c: int, n_chunks: int, mode: str, scale: float, dk: int, dim_slice: int,
-                    n_seg: int):
+def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_ref, a_ref, o_ref,
+                    final_ref, *, c: int, n_chunks: int, mode: str, scale: float, dk: int,
+                    dim_slice: int, n_seg: int, decay_grad: bool):
     """One (batch*head, segment, Dv block) program: LASP-2 steps 3 and 5 on one segment.
 
     With S the state entering chunk n (from the segment's incoming state):
@@ -382,7 +424,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
     """
     # The final state feeds the log-decay gradient: with one segment it comes from this
     # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
-    split = DG_SPLIT if (mode != NONE and n_seg == 1) else frozenset()
+    split = DG_SPLIT if (mode != NONE and n_seg == 1 and decay_grad) else frozenset()
 
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
@@ -395,11 +437,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
-    def body(ci, state):
-        return run_chunk(step, load, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref)
+    def body(ci, state, factorised):
+        return run_chunk(step, load, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref,
+                         factorised=factorised)
 
     entry = segment_entry_state(s0_ref, m_ref, a_ref)
-    state = lax.fori_loop(0, n_chunks, body, entry)
+    state = chunk_loop(n_chunks, body, entry, mode=mode, fast_ref=fast_ref)
 
     @pl.when(pl.program_id(1) == n_seg - 1)
     def _():
@@ -409,12 +452,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, s0_ref, m_ref, a_ref, 
             final_ref[...] = a_ref[n_seg - 1, :][:, None] * entry + m_ref[n_seg - 1, :, :]
 
 
-def forward_outputs(q, k, v, bf, cnt, s0, m, a, *, mode: str, scale: float,
-                    block_sizes: BlockSizes, out_dtype):
+def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float,
+                    block_sizes: BlockSizes, out_dtype, decay_grad: bool = True):
     """Outputs [B, T, H, Dv] and the final state [B, H, Dk, Dv] (float32).
 
     s0 [B, H, Dk, Dv] the initial state; m [B, H, S, Dk, Dv] the segment summaries and
     a [B, H, S, Dk] the segment decays: each program folds them into its incoming state.
+    fast [B, H, S] int32: the segments whose scalar-decay pair weights factorise (chunk_loop).
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -424,10 +468,11 @@ def forward_outputs(q, k, v, bf, cnt, s0, m, a, *, mode: str, scale: float,
     grid = (B * H, S, dv // bv)
     full = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
-    dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
+    dargs, dspecs = decay_operands(bf, cnt, L, H, dk, fast)
     in_specs = [full, full, vcol, *dspecs, *summary_specs(H, S, dk, bv, row_block=False)]
     kernel = functools.partial(_forward_kernel, c=c, n_chunks=L // c, mode=mode, scale=scale,
-                               dk=dk, dim_slice=min(block_sizes.dim_slice, dk), n_seg=S)
+                               dk=dk, dim_slice=min(block_sizes.dim_slice, dk), n_seg=S,
+                               decay_grad=decay_grad)
     kernel = with_decay_refs(kernel, 3, bf is not None)
     return pl.pallas_call(
         kernel,

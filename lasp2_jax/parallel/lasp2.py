@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import inclusive_cumsum, is_per_dim
 from lasp2_jax.kernels.backends import Backend
 from lasp2_jax.parallel.scan import incoming_state, outgoing_cotangent
@@ -78,13 +79,26 @@ def lasp2_causal(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_fin
     matches how ``shard_map`` transposes a replicated output. The initial state's cotangent
     is returned on rank 0 only, so summing over ranks gives the total.
     """
-    out, _ = _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
-                               gather_splits)
+    out, _, _ = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
+                                      gather_splits)
     return out
 
 
 def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
                       gather_splits):
+    # symbolic_zeros: the arrays arrive as CustomVJPPrimal. A decay that is not differentiated
+    # (Lightning's and RetNet's fixed decays) is closed over below, so the backends skip the
+    # decay-gradient work.
+    (q, k, v, g, s0), perturbed = unwrap_primals(q, k, v, g, s0)
+    decay_grad = perturbed[3]
+    out, pullback, decays = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size,
+                                                  backend, gather_splits, decay_grad)
+    return out, (pullback, decays, q, g, () if decay_grad else None)
+
+
+def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend, gather_splits,
+                          decay_grad=False):
+    """Returns ((o, final state), the local pullback, the gathered segment decays)."""
     m, log_a = backend.state_summary(k, v, g)
     # One all-gather of the packed (M_r, Gamma_r): [W, B, H, Dk, Dv + 1].
     packed = jnp.concatenate([m, log_a[..., None]], axis=-1)
@@ -93,15 +107,26 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     rank = jax.lax.axis_index(axis_name)
     s_in, s_final = incoming_state(decays, summaries, s0.astype(_f32), rank)
     # The local attention inside does not read the gathered data, so XLA can overlap the two.
-    (o, _), pullback = jax.vjp(
-        functools.partial(local_segment, backend, scale, chunk_size), q, k, v, g, s_in)
-    return (o, s_final), (pullback, decays, q, g)
+    local = functools.partial(local_segment, backend, scale, chunk_size)
+    if decay_grad:
+        (o, _), pullback = jax.vjp(local, q, k, v, g, s_in)
+    else:
+        (o, _), pullback_qkvs = jax.vjp(lambda q_, k_, v_, s_: local(q_, k_, v_, g, s_),
+                                        q, k, v, s_in)
+        pullback = jax.tree_util.Partial(_no_decay_cotangent, pullback_qkvs)
+    return (o, s_final), pullback, decays
+
+
+def _no_decay_cotangent(pullback_qkvs, cts):
+    """The pullback of a fixed decay: (dq, dk, dv, None, ds_in)."""
+    dq, dk, dv, ds = pullback_qkvs(cts)
+    return dq, dk, dv, None, ds
 
 
 def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, res,
                       cts):
-    pullback, decays, q, g = res
-    do, d_final = cts
+    pullback, decays, q, g, _ = res
+    do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
     ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g), do.astype(_f32))
     if want_final:
@@ -116,7 +141,9 @@ def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_
     return dq, dk, dv, dg, jnp.where(rank == 0, ds_in, 0.0)
 
 
-lasp2_causal.defvjp(_lasp2_causal_fwd, _lasp2_causal_bwd)
+lasp2_causal.defvjp(_lasp2_causal_fwd, _lasp2_causal_bwd, symbolic_zeros=True)
+# Eager shard_map refuses a custom_vjp with symbolic zeros; called through jit it is fine.
+lasp2_causal = jax.jit(lasp2_causal, static_argnums=(5, 6, 7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
