@@ -33,7 +33,7 @@ from lasp2_jax.models import ModelConfig  # noqa: E402
 
 LLAMA3_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=16, mlp_dim=8192,
                  output_norm=True, dtype="bfloat16", param_dtype="float32", remat="full",
-                 chunk_size=64)
+                 chunk_size=64, scan_layers=True)
 # The 1/4 hybrid: every 4th layer softmax attention, GQA with 2 query heads per kv head.
 VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_every=4)}
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")

@@ -171,3 +171,34 @@ def test_remat_changes_memory_not_math(policy):
     b = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mixer,softmax_every", [("lightning", 0), ("gla", 2)])
+def test_scanned_layers_equal_the_unrolled_stack(mixer, softmax_every):
+    """scan_layers runs the same blocks: the unrolled model's params, stacked per hybrid
+    period, give the same logits (Lightning's per-layer decay follows the traced layer)."""
+    cfg, model, params = _model(mixer=mixer, softmax_every=softmax_every, n_layers=4,
+                                n_kv_heads=2, remat="full")
+    scanned = LinearLlama3(ModelConfig(**{**SMALL, "mixer": mixer, "softmax_every":
+                                          softmax_every, "n_layers": 4, "n_kv_heads": 2,
+                                          "remat": "full", "scan_layers": True}).validate())
+    period = cfg.layer_period
+    stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    stacked["layers"] = {
+        f"block_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *(params[f"layer_{p * period + j}"]
+                                     for p in range(cfg.n_layers // period)))
+        for j in range(period)}
+    want_shapes = jax.tree.map(jnp.shape, nn.unbox(scanned.init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    assert jax.tree.map(jnp.shape, stacked) == want_shapes
+    tokens = _tokens(2, 24)
+    seg = jnp.asarray(np.repeat([[0] * 10 + [1] * 14], 2, axis=0), jnp.int32)
+    want = model.apply({"params": params}, tokens, seg)
+    got = scanned.apply({"params": stacked}, tokens, seg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_layers_needs_whole_periods():
+    with pytest.raises(ValueError, match="scan_layers"):
+        ModelConfig(**{**SMALL, "n_layers": 3, "softmax_every": 2, "scan_layers": True}).validate()

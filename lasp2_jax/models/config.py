@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; params stay in param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
+    scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
     chunk_size: int = 64  # linear-attention chunk length
     backend: str = "auto"  # linear-attention backend: "xla" | "pallas" | "auto"
 
@@ -58,6 +59,11 @@ class ModelConfig:
         """The mixer of layer ``layer`` (0-based) under the hybrid pattern."""
         k = self.softmax_every
         return "softmax" if k > 0 and layer % k == k - 1 else self.mixer
+
+    @property
+    def layer_period(self) -> int:
+        """Layers per repeat of the mixer pattern: softmax_every for a hybrid, else 1."""
+        return max(self.softmax_every, 1)
 
     @property
     def layer_mixers(self) -> tuple[str, ...]:
@@ -80,6 +86,9 @@ class ModelConfig:
             bad("remat", f"expected one of {REMAT_POLICIES}")
         if self.softmax_every < 0:
             bad("softmax_every", "must be >= 0 (0: no softmax layers)")
+        if self.scan_layers and self.n_layers % self.layer_period:
+            bad("scan_layers", f"scans whole hybrid periods of {self.layer_period} layers; "
+                               f"n_layers={self.n_layers} is not a multiple")
         if self.head_dim is None and self.d_model % self.n_heads:
             bad("n_heads", f"must divide d_model={self.d_model} (or set head_dim)")
         if self.n_heads % self.kv_heads:

@@ -20,17 +20,21 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then + mlp(norm(.)); [B, T, D] -> [B, T, D]."""
+    """x + mixer(norm(x)), then + mlp(norm(.)); [B, T, D] -> [B, T, D].
+
+    ``layer`` may be traced (inside the layer scan); ``kind`` then names the mixer statically.
+    """
 
     cfg: ModelConfig
     layer: int = 0
     mesh: object = None
+    kind: str | None = None
 
     @nn.compact
     def __call__(self, x, segment_ids=None):
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        mixer = MIXER_CLASSES[c.layer_mixer(self.layer)]
+        mixer = MIXER_CLASSES[self.kind or c.layer_mixer(self.layer)]
         h = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt, name="mixer_norm")(x)
         x = x + mixer(c, self.layer, self.mesh, name="mixer")(h, segment_ids)
         x = constrain(x, _ACT, self.mesh)
@@ -38,6 +42,29 @@ class Block(nn.Module):
         x = x + SwiGLU(c.mlp_dim, dtype=dt, param_dtype=pdt, init_std=c.init_std,
                        mesh=self.mesh, name="mlp")(h)
         return constrain(x, _ACT, self.mesh)
+
+
+def _block_class(c: ModelConfig):
+    if c.remat == "none":
+        return Block
+    return nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=True)
+
+
+class BlockPeriod(nn.Module):
+    """One period of the mixer pattern (``cfg.layer_period`` blocks): the body of the layer
+    scan. (x [B, T, D], segment_ids, period index p) -> (x, None); block j is layer
+    p * period + j, with its mixer fixed by j."""
+
+    cfg: ModelConfig
+    mesh: object = None
+
+    @nn.compact
+    def __call__(self, x, segment_ids, period_index):
+        c, block = self.cfg, _block_class(self.cfg)
+        for j in range(c.layer_period):
+            x = block(c, period_index * c.layer_period + j, self.mesh, kind=c.layer_mixer(j),
+                      name=f"block_{j}")(x, segment_ids)
+        return x, None
 
 
 class LinearLlama3(nn.Module):
@@ -56,9 +83,17 @@ class LinearLlama3(nn.Module):
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         self.embed = Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
                            init_std=c.init_std)
-        block = Block if c.remat == "none" else nn.remat(
-            Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=True)
-        self.blocks = [block(c, i, self.mesh, name=f"layer_{i}") for i in range(c.n_layers)]
+        if c.scan_layers:
+            # One copy of the block in the program (and of each kernel): compile time does not
+            # grow with depth. Parameters are stacked along a leading 'layers' axis.
+            self.layers = nn.scan(
+                BlockPeriod, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0), length=c.n_layers // c.layer_period,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c, self.mesh)
+        else:
+            block = _block_class(c)
+            self.blocks = [block(c, i, self.mesh, name=f"layer_{i}")
+                           for i in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt)
         if not c.tie_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt,
@@ -67,8 +102,12 @@ class LinearLlama3(nn.Module):
     def hidden(self, tokens, segment_ids=None):
         """tokens [B, T] -> final-normed hidden states [B, T, D]."""
         x = constrain(self.embed(tokens), _ACT, self.mesh)
-        for block in self.blocks:
-            x = block(x, segment_ids)
+        if self.cfg.scan_layers:
+            periods = jnp.arange(self.cfg.n_layers // self.cfg.layer_period)
+            x, _ = self.layers(x, segment_ids, periods)
+        else:
+            for block in self.blocks:
+                x = block(x, segment_ids)
         return self.final_norm(x)
 
     def logits(self, h):

@@ -53,6 +53,10 @@ def local_segment(backend: Backend, scale: float, chunk_size: int, q, k, v, g, s
       o [B, L, H, Dv] (q's dtype) and S_out [B, H, Dk, Dv] float32.
     """
     o_zero, m = backend.chunk_attention(q, k, v, g, scale=scale, chunk_size=chunk_size)
+    # The barrier makes every use of s_in (which waits for the other ranks) come after the
+    # local attention: the scheduler then places the collective's wait after the kernels and
+    # the communication runs under them, instead of finishing first.
+    s_in, o_zero, m = jax.lax.optimization_barrier((s_in, o_zero, m))
     o = o_zero.astype(_f32) + scale * jnp.einsum("blhd,bhde->blhe", decayed_queries(q, g), s_in)
     s_out = total_decay(g, s_in.shape[:3])[..., None] * s_in + m
     return o.astype(q.dtype), s_out
