@@ -140,7 +140,10 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
         for line in lines[start[0] + 1:done[0]]:
             m = re.search(r"= \S+ (\w[\w-]*)\(", line)
             if m:
-                between.append(m.group(1))
+                target = re.search(r'custom_call_target="([^"]+)"', line)
+                kernel = re.search(r'name\W+(lasp2_\w+)', line)  # a Pallas kernel's name
+                between.append(m.group(1) + (f":{target.group(1)}" if target else "")
+                               + (f":{kernel.group(1)}" if kernel else ""))
     return dict(t_local_ms=t_local, t_gather_ms=t_gather, t_lasp2_ms=t_lasp2,
                 hidden_share=float(np.clip(hidden, 0.0, 1.0)),
                 ops_between_gather_start_and_done=between[:40],
@@ -176,7 +179,7 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--lengths", default="65536,262144,1048576")
-    ap.add_argument("--softmax-max", type=int, default=262144,
+    ap.add_argument("--softmax-max", type=int, default=65536,
                     help="longest sequence for the (quadratic) softmax methods")
     ap.add_argument("--splits", default="1,4,16,64")
     ap.add_argument("--backend", default="auto")

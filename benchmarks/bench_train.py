@@ -93,7 +93,10 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens,... run just these, in order (else the full sweep)")
+                    help="model:sp:tokens[:remat],... run just these, in order (else the full "
+                         "sweep); remat: full (default) or dots")
+    ap.add_argument("--mlp-chunks", type=int, default=None,
+                    help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
@@ -116,21 +119,27 @@ def main():
         with open(os.path.join(args.out, tag + ".json"), "w") as f:
             json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
 
-    def run(model, sp, seq_len, study):
+    def run(model, sp, seq_len, study, remat=None):
         if time.time() - t_start > args.budget_s:
             print(f"budget reached: skip {model} sp={sp} T={seq_len}", flush=True)
             return False
         variant = dict(VARIANTS[model])
         if model == "hybrid":
             variant["n_kv_heads"] = base["n_heads"] // 2
-        mcfg = ModelConfig(**base, **variant)
+        local = seq_len // sp
+        # Long local sequences: the MLP over token groups of <= 64K (its [T, 8192]
+        # intermediates dominate the peak otherwise).
+        variant["mlp_chunks"] = args.mlp_chunks or max(1, local // 65536)
+        if remat:
+            variant["remat"] = remat
+        mcfg = ModelConfig(**{**base, **variant})
         try:
             row = measure(mcfg, sp, seq_len, ce_chunks=max(1, seq_len // 16384), steps=args.steps)
         except Exception as e:  # out of memory: the previous length was the longest
             print(f"{model} sp={sp} T={seq_len}: failed ({type(e).__name__}: {str(e)[:160]})",
                   flush=True)
             return False
-        row.update(model=model, study=study)
+        row.update(model=model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks)
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)
@@ -138,9 +147,9 @@ def main():
 
     if args.cases:
         for case in args.cases.split(","):
-            model, sp, seq_len = case.split(":")
+            model, sp, seq_len, *remat = case.split(":")
             study = "weak" if int(seq_len) == args.weak_per_gpu * int(sp) else "length"
-            run(model, int(sp), int(seq_len), study)
+            run(model, int(sp), int(seq_len), study, *remat)
         models = []
     else:
         models = args.models.split(",")
@@ -152,11 +161,11 @@ def main():
                 break
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
-    print(f"\n{'model':<8}{'study':<8}{'sp':>4}{'tokens':>10}{'tok/s':>12}{'tok/s/gpu':>12}"
-          f"{'MFU':>8}{'mem GB':>9}")
+    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
+          f"{'tok/s/gpu':>12}{'MFU':>8}{'mem GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<8}{r['study']:<8}{r['sp']:>4}{r['seq_len']:>10}"
+        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{r['sp']:>4}{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{r['peak_memory_gb']:>9.2f}")
 

@@ -1,5 +1,7 @@
 """Linear-Llama3 and its mixers: shapes, causality, document resets, feature maps, axes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -202,3 +204,23 @@ def test_scanned_layers_equal_the_unrolled_stack(mixer, softmax_every):
 def test_scan_layers_needs_whole_periods():
     with pytest.raises(ValueError, match="scan_layers"):
         ModelConfig(**{**SMALL, "n_layers": 3, "softmax_every": 2, "scan_layers": True}).validate()
+
+
+def test_mlp_chunks_change_memory_not_math():
+    """mlp_chunks runs the MLP over interleaved token groups: same params, same logits and
+    gradients as the whole-sequence MLP."""
+    cfg, model, params = _model(n_layers=2, remat="full")
+    chunked = LinearLlama3(ModelConfig(**{**SMALL, "remat": "full", "mlp_chunks": 4}).validate())
+    assert jax.tree.map(jnp.shape, nn.unbox(chunked.init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])) == jax.tree.map(
+        jnp.shape, params)
+    tokens = _tokens(2, 32)
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, tokens).astype(jnp.float32) ** 2)
+
+    want, gwant = jax.value_and_grad(functools.partial(loss, model))(params)
+    got, ggot = jax.value_and_grad(functools.partial(loss, chunked))(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ggot), jax.tree.leaves(gwant), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)

@@ -54,10 +54,11 @@ def _compilation_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mixer,softmax_every,scan", [("gla", 0, False), ("basic", 2, True)],
-                         ids=["pure-gla", "hybrid-basic-softmax-scanned"])
+                         ids=["pure-gla", "hybrid-basic-softmax-scanned-mlp-chunks"])
 def test_sequence_parallel_changes_nothing_but_speed(tmp_path, mixer, softmax_every, scan):
     """sp=4, tp=2 on 8 devices trains the same losses as sp=1 (data parallel only)."""
-    cfg = _cfg(model=dict(mixer=mixer, softmax_every=softmax_every, scan_layers=scan), steps=3)
+    cfg = _cfg(model=dict(mixer=mixer, softmax_every=softmax_every, scan_layers=scan,
+                          mlp_chunks=2 if scan else 1), steps=3)
     sp = T.run(dataclasses.replace(cfg, mesh=T.MeshConfig(dp=1, sp=4, tp=2)),
                str(tmp_path / "sp"), log=_quiet)
     ref = T.run(dataclasses.replace(cfg, mesh=T.MeshConfig(dp=-1, sp=1, tp=1)),

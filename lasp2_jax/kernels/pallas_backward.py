@@ -37,6 +37,8 @@ from lasp2_jax.kernels.pallas_forward import (
     causal_mask,
     chunk_loop,
     chunk_scores,
+    decayed_mm,
+    decayed_tmm,
     decay_operands,
     fast_factors,
     load_factors,
@@ -229,9 +231,10 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref,
         q, k, do = tiles
         a, fq, fk, fa = chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast,
                                      mode=mode, dk=dk, dim_slice=dim_slice)
-        dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(_scaled(k, fk), dh.astype(k.dtype))
+        dv = scale * mm(a.astype(do.dtype), do, ta=True) + decayed_mm(k, fk, dh.astype(k.dtype),
+                                                                      mode)
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return fa * dh + scale * mmx(_scaled(q, fq), do, ta=True)
+        return fa * dh + scale * decayed_tmm(q, fq, do, mode)
 
     def body(i, dh, factorised):
         return run_chunk(step, load, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,

@@ -264,6 +264,23 @@ def _scaled(x, f, split: frozenset = frozenset()):
     return x if f is None else lowp(x.astype(_f32) * f, x.dtype, "qk_decay", split)
 
 
+def decayed_mm(x, f, y, mode: str):
+    """(diag(f) x) y for the chunk's q-side factor f. A scalar decay's factor is one number per
+    row ([C, 1]): it scales the [C, block] product instead of the [C, Dk] operand (half the
+    work at Dk = 2 * block, and no bf16 rounding of the decayed operand)."""
+    if mode == SCALAR:
+        return f * mm(x, y)
+    return mm(_scaled(x, f), y)
+
+
+def decayed_tmm(x, f, y, mode: str, split: frozenset = frozenset()):
+    """(diag(f) x)^T y for the chunk's k-side factor f; with a scalar decay (and no split
+    operands wanted) the factor scales y's [C, block] rows instead of x's [C, Dk]."""
+    if mode == SCALAR and not split:
+        return mm(x, _scaled(y, f), ta=True)
+    return mmx(_scaled(x, f, split), y, ta=True)
+
+
 def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, mode: str,
                  dk: int, dim_slice: int):
     """One chunk's masked decayed scores A [C, C] = (q k^T) * exp(b_i - b_j) * [j <= i], and
@@ -433,9 +450,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_re
         q, k, v = tiles
         a, fq, fk, fa = chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast,
                                      mode=mode, dk=dk, dim_slice=dim_slice)
-        o = mm(a.astype(v.dtype), v) + mm(_scaled(q, fq), state.astype(q.dtype))
+        o = mm(a.astype(v.dtype), v) + decayed_mm(q, fq, state.astype(q.dtype), mode)
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
+        return fa * state + decayed_tmm(k, fk, v, mode, split)
 
     def body(ci, state, factorised):
         return run_chunk(step, load, ci, state, c=c, mode=mode, bf_ref=bf_ref, cnt_ref=cnt_ref,

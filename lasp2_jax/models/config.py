@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; params stay in param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
+    mlp_chunks: int = 1  # MLP over this many token groups in turn (1/n of its activations)
     scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
     chunk_size: int = 64  # linear-attention chunk length
     backend: str = "auto"  # linear-attention backend: "xla" | "pallas" | "auto"
@@ -75,7 +76,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "chunk_size",
-                     "feature_dim", "gate_rank"):
+                     "feature_dim", "gate_rank", "mlp_chunks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         if self.mixer not in MIXERS:

@@ -101,6 +101,34 @@ class SwiGLU(nn.Module):
         return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
 
 
+class _SwiGLUStep(SwiGLU):
+    """SwiGLU as a scan body: (carry, x) -> (carry, mlp(x))."""
+
+    @nn.compact
+    def __call__(self, carry, x):
+        return carry, SwiGLU.__call__(self, x)
+
+
+# SwiGLU over a stack of token groups [n, B, T/n, D] in turn, each group recomputed in the
+# backward pass: the [B, T, hidden] intermediates exist for one group at a time. Same
+# parameters (and names) as SwiGLU. Call as ChunkedSwiGLU(...)(None, groups) -> (None, out).
+ChunkedSwiGLU = nn.scan(nn.remat(_SwiGLUStep, prevent_cse=False), variable_broadcast="params",
+                        split_rngs={"params": False}, in_axes=0, out_axes=0)
+
+
+def over_token_groups(x, groups: int, fn):
+    """fn on x [B, T, D] split into ``groups`` interleaved token groups [groups, B, T/g, D].
+
+    Group j holds the tokens t with t % groups == j: with T sharded over 'sp' in contiguous
+    blocks each group keeps that sharding, so no data moves between ranks.
+    """
+    B, T, D = x.shape
+    if T % groups:
+        raise ValueError(f"mlp_chunks={groups} must divide the sequence length {T}")
+    ys = fn(jnp.moveaxis(x.reshape(B, T // groups, groups, D), 2, 0))
+    return jnp.moveaxis(ys, 0, 2).reshape(B, T, ys.shape[-1])
+
+
 def rope(x, positions, theta: float):
     """Rotary position embedding (rotate-half form) on x [B, T, H, D] at positions [B, T]."""
     d = x.shape[-1]

@@ -7,7 +7,15 @@ import jax
 import jax.numpy as jnp
 
 from lasp2_jax.models.config import ModelConfig
-from lasp2_jax.models.layers import Dense, Embed, RMSNorm, SwiGLU, constrain
+from lasp2_jax.models.layers import (
+    ChunkedSwiGLU,
+    Dense,
+    Embed,
+    RMSNorm,
+    SwiGLU,
+    constrain,
+    over_token_groups,
+)
 from lasp2_jax.models.mixers import MIXER_CLASSES
 
 _ACT = ("batch", "sequence", "act_embed")
@@ -39,8 +47,12 @@ class Block(nn.Module):
         x = x + mixer(c, self.layer, self.mesh, name="mixer")(h, segment_ids)
         x = constrain(x, _ACT, self.mesh)
         h = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt, name="mlp_norm")(x)
-        x = x + SwiGLU(c.mlp_dim, dtype=dt, param_dtype=pdt, init_std=c.init_std,
-                       mesh=self.mesh, name="mlp")(h)
+        mlp_kw = dict(dtype=dt, param_dtype=pdt, init_std=c.init_std, mesh=self.mesh, name="mlp")
+        if c.mlp_chunks > 1:
+            mlp = ChunkedSwiGLU(c.mlp_dim, **mlp_kw)
+            x = x + over_token_groups(h, c.mlp_chunks, lambda groups: mlp(None, groups)[1])
+        else:
+            x = x + SwiGLU(c.mlp_dim, **mlp_kw)(h)
         return constrain(x, _ACT, self.mesh)
 
 
