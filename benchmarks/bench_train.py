@@ -39,16 +39,19 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int):
-    """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
-    cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1), steps=10,
+def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int,
+            fsdp: bool = False):
+    """Median step time of one AdamW step on ``sp`` devices; returns a result row.
+
+    fsdp: parameters, gradients and optimizer state sharded over the sp ranks."""
+    cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1, fsdp=fsdp), steps=10,
                         ce_chunks=ce_chunks, progress=False)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len,
                                                             batch_size=1))
     mesh = T.make_mesh(dp=1, sp=sp, tp=1, devices=jax.devices()[:sp])
     T.validate(cfg, mesh)
     tx, schedule = T.make_optimizer(cfg.optimizer, cfg.steps)
-    shardings = T.state_shardings(tx, T.param_shardings(mcfg, mesh), mcfg, mesh)
+    shardings = T.state_shardings(tx, T.param_shardings(mcfg, mesh, fsdp), mcfg, mesh)
     t0 = time.perf_counter()
     state = T.init_state(cfg, tx, shardings)
     jax.block_until_ready(state)
@@ -93,8 +96,9 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:remat],... run just these, in order (else the full "
-                         "sweep); remat: full (default) or dots")
+                    help="model:sp:tokens[:full|dots][:fsdp],... run just these, in order (else "
+                         "the full sweep); remat policy full (default) or dots; fsdp shards "
+                         "params and optimizer state over the sp ranks")
     ap.add_argument("--mlp-chunks", type=int, default=None,
                     help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
@@ -119,7 +123,9 @@ def main():
         with open(os.path.join(args.out, tag + ".json"), "w") as f:
             json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
 
-    def run(model, sp, seq_len, study, remat=None):
+    def run(model, sp, seq_len, study, *options):
+        remat = next((o for o in options if o in ("full", "dots")), None)
+        fsdp = "fsdp" in options
         if time.time() - t_start > args.budget_s:
             print(f"budget reached: skip {model} sp={sp} T={seq_len}", flush=True)
             return False
@@ -134,12 +140,14 @@ def main():
             variant["remat"] = remat
         mcfg = ModelConfig(**{**base, **variant})
         try:
-            row = measure(mcfg, sp, seq_len, ce_chunks=max(1, seq_len // 16384), steps=args.steps)
+            row = measure(mcfg, sp, seq_len, ce_chunks=max(1, seq_len // 16384), steps=args.steps,
+                          fsdp=fsdp)
         except Exception as e:  # out of memory: the previous length was the longest
             print(f"{model} sp={sp} T={seq_len}: failed ({type(e).__name__}: {str(e)[:160]})",
                   flush=True)
             return False
-        row.update(model=model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks)
+        row.update(model=model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
+                   fsdp=fsdp, xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)
@@ -147,9 +155,9 @@ def main():
 
     if args.cases:
         for case in args.cases.split(","):
-            model, sp, seq_len, *remat = case.split(":")
+            model, sp, seq_len, *options = case.split(":")
             study = "weak" if int(seq_len) == args.weak_per_gpu * int(sp) else "length"
-            run(model, int(sp), int(seq_len), study, *remat)
+            run(model, int(sp), int(seq_len), study, *options)
         models = []
     else:
         models = args.models.split(",")
@@ -161,11 +169,12 @@ def main():
                 break
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
-    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
+    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
           f"{'tok/s/gpu':>12}{'MFU':>8}{'mem GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{r['sp']:>4}{r['seq_len']:>10}"
+        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{r['sp']:>4}"
+              f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{r['peak_memory_gb']:>9.2f}")
 

@@ -31,7 +31,7 @@ class MeshConfig:
     dp: int = -1
     sp: int = 1
     tp: int = 1
-    fsdp: bool = False  # also shard the params' 'embed' axis over dp
+    fsdp: bool = False  # also shard the params' 'embed' axis over dp and sp (ZeRO-3 style)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ AXES = ("dp", "sp", "tp")
 
 # Activations: batch over data parallel, sequence over sequence parallel, heads over tensor
 # parallel. Parameters: the head / mlp / vocab dimensions over 'tp'; 'embed' stays replicated
-# unless FSDP shards it over 'dp' (see :func:`logical_axis_rules`).
+# unless FSDP shards it over 'dp' and 'sp' (see :func:`logical_axis_rules`).
 _ACTIVATION_RULES = (
     ("batch", "dp"),
     ("sequence", "sp"),
@@ -38,9 +38,12 @@ _PARAM_RULES = (
 )
 
 
-def logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, str | None], ...]:
-    """The (logical axis, mesh axis) table; ``fsdp`` also shards 'embed' params over 'dp'."""
-    params = tuple((name, "dp") if name == "embed" and fsdp else (name, axis)
+def logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, str | tuple | None], ...]:
+    """The (logical axis, mesh axis) table; ``fsdp`` also shards 'embed' params over 'dp' and
+    'sp': sequence-parallel ranks see different tokens, so for the parameters they are data
+    parallel too, and ZeRO-style sharding over them divides params, grads and optimizer state
+    by dp * sp (what lets the longest sequences fit)."""
+    params = tuple((name, ("dp", "sp")) if name == "embed" and fsdp else (name, axis)
                    for name, axis in _PARAM_RULES)
     return _ACTIVATION_RULES + params
 

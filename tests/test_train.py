@@ -238,11 +238,22 @@ def test_two_process_distributed_run_trains_and_checkpoints(tmp_path):
         np.testing.assert_allclose(x["loss"], one.losses[x["step"]], rtol=2e-5)
 
 
-def test_fsdp_shards_embed_axis_over_dp():
-    mesh = T.resolve_mesh(_cfg(mesh=dict(dp=4, tp=2)))
+def test_fsdp_shards_embed_axis_over_dp_and_sp():
+    mesh = T.resolve_mesh(_cfg(mesh=dict(dp=2, sp=2, tp=2)))
     mc = _cfg().model
     plain = T.param_shardings(mc, mesh, fsdp=False)
     fsdp = T.param_shardings(mc, mesh, fsdp=True)
     assert tuple(plain["embed"]["embedding"].spec) == ("tp", None)
-    assert tuple(fsdp["embed"]["embedding"].spec) == ("tp", "dp")
-    assert tuple(fsdp["layer_0"]["mlp"]["down"]["kernel"].spec) == ("tp", "dp")
+    assert tuple(fsdp["embed"]["embedding"].spec) == ("tp", ("dp", "sp"))
+    assert tuple(fsdp["layer_0"]["mlp"]["down"]["kernel"].spec) == ("tp", ("dp", "sp"))
+
+
+def test_fsdp_over_sequence_parallel_changes_nothing_but_memory(tmp_path):
+    """fsdp with dp=1, sp=4: parameters and optimizer state sharded over the sp ranks train
+    the same losses as replicated ones."""
+    cfg = _cfg(model=dict(scan_layers=True), steps=2)
+    run = {fsdp: T.run(dataclasses.replace(cfg, mesh=T.MeshConfig(dp=1, sp=4, tp=2, fsdp=fsdp)),
+                       str(tmp_path / str(fsdp)), log=_quiet) for fsdp in (True, False)}
+    assert run[True].status == run[False].status == "done"
+    for step in run[False].losses:
+        np.testing.assert_allclose(run[True].losses[step], run[False].losses[step], rtol=2e-5)
