@@ -182,6 +182,9 @@ def main():
     ap.add_argument("--softmax-max", type=int, default=65536,
                     help="longest sequence for the (quadratic) softmax methods")
     ap.add_argument("--splits", default="1,4,16,64")
+    ap.add_argument("--split-at", type=int, default=None,
+                    help="the length of the gather-split ablation (default: the longest)")
+    ap.add_argument("--methods", default=None, help="comma list (default: all)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new cases after")
     ap.add_argument("--quick", action="store_true", help="tiny CPU dry run")
@@ -223,8 +226,9 @@ def main():
             print(f"budget reached, skipping T={T} and longer", flush=True)
             break
         q, k, v, w = inputs(T)
-        cases = dict(methods(mesh, args.backend))
-        if T == lengths[-1]:  # Table 5: the gather split into pieces, at the longest length
+        cases = {name: fn for name, fn in methods(mesh, args.backend).items()
+                 if args.methods is None or name in args.methods.split(",")}
+        if T == (args.split_at or lengths[-1]):  # Table 5: the gather split into pieces
             for n in [int(s) for s in args.splits.split(",")]:
                 if n > 1:
                     cases[f"lasp2_split{n}"] = lasp2_split(mesh, n, args.backend)
