@@ -1,0 +1,95 @@
+"""Plots of the README from the JSON results of one card type (no GPU needed).
+
+    python benchmarks/plot_results.py --card H100
+
+Reads benchmarks/results/sp_<card>_*.json (bench_sp.py) and train_<card>_*.json
+(bench_train.py) and writes sp_<card>_fig3.png (tokens/s against sequence length per method,
+like LASP-2's Figure 3) and train_<card>_table6.png (Linear-Llama3-1B throughput, memory and
+weak scaling, like its Table 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _rows(pattern):
+    """Rows of every matching file; a later file's row replaces an earlier one's for the same
+    case (files are read in name order)."""
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["rows"]:
+            defaults = dict(remat="full", fsdp=False, xla_flags="", study=None)
+            key = tuple(r.get(k, defaults.get(k)) for k in ("method", "model", "remat", "fsdp",
+                                                            "sp", "T", "seq_len", "xla_flags"))
+            rows[key] = r
+    return list(rows.values())
+
+
+def plot_sp(card):
+    rows = _rows(f"sp_{card}_*.json")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r["method"] for r in rows}):
+        pts = sorted({r["T"]: r["tokens_per_s"] for r in rows if r["method"] == name}.items())
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+           ylabel="tokens/s (fwd+bwd, one layer)", title=f"{card} x4, H=16 D=128 bf16")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"sp_{card}_fig3.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_train(card):
+    rows = [r for r in _rows(f"train_{card}_*.json") if not r.get("xla_flags")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for model in sorted({r["model"] for r in rows}):
+        pts = sorted((r["seq_len"], r["tokens_per_s_per_gpu"], r["peak_memory_gb"])
+                     for r in rows if r["model"] == model and r["sp"] == 4
+                     and r.get("remat", "full") == "full")
+        if pts:
+            x, tps, mem = zip(*pts)
+            axes[0].plot(x, tps, marker="o", label=f"{model}, SP=4 (2M: fsdp over sp)")
+            axes[1].plot(x, mem, marker="o", label=f"{model}, SP=4")
+    for per_gpu in (16384, 65536):
+        pts = sorted((r["sp"], r["tokens_per_s_per_gpu"]) for r in rows
+                     if r["model"] == "pure" and r.get("remat", "full") == "full" and not r.get("fsdp")
+                     and r["seq_len"] == per_gpu * r["sp"])
+        if pts:
+            axes[2].plot(*zip(*pts), marker="o", label=f"{per_gpu // 1024}K tokens per GPU")
+    axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU",
+                title=f"Linear-Llama3-1B, {card}")
+    axes[1].set(xscale="log", xlabel="sequence length", ylabel="peak memory per GPU (GB)")
+    axes[2].set(xlabel="SP (GPUs)", ylabel="tokens/s per GPU", title="weak scaling, pure",
+                xticks=[1, 2, 4])
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"train_{card}_table6.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--card", default="H100")
+    args = ap.parse_args()
+    for path in (plot_sp(args.card), plot_train(args.card)):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
