@@ -66,8 +66,8 @@ def plot_train(card):
             axes[1].plot(x, mem, marker="o", label=f"{model}, SP=4")
     for per_gpu in (16384, 65536):
         pts = sorted((r["sp"], r["tokens_per_s_per_gpu"]) for r in rows
-                     if r["model"] == "pure" and r.get("remat", "full") == "full" and not r.get("fsdp")
-                     and r["seq_len"] == per_gpu * r["sp"])
+                     if r["model"] == "pure" and r.get("remat", "full") == "full"
+                     and not r.get("fsdp") and r["seq_len"] == per_gpu * r["sp"])
         if pts:
             axes[2].plot(*zip(*pts), marker="o", label=f"{per_gpu // 1024}K tokens per GPU")
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU",

@@ -113,6 +113,6 @@ def test_make_mesh_and_rules():
     spec = lasp2_jax.logical_to_spec(("batch", "sequence", "heads", None))
     assert spec == jax.sharding.PartitionSpec("dp", "sp", "tp", None)
     fsdp = lasp2_jax.logical_to_spec(("embed", "mlp"), lasp2_jax.logical_axis_rules(fsdp=True))
-    assert fsdp == jax.sharding.PartitionSpec("dp", "tp")
+    assert fsdp == jax.sharding.PartitionSpec(("dp", "sp"), "tp")
     with pytest.raises(ValueError, match="unknown logical axes"):
         lasp2_jax.logical_to_spec(("nonsense",))

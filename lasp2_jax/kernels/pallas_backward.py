@@ -30,16 +30,15 @@ from jax.experimental import pallas as pl
 from lasp2_jax import compat
 from lasp2_jax.kernels import pallas_forward
 from lasp2_jax.kernels.pallas_forward import (
-    NONE,
     PER_DIM,
     SCALAR,
     _scaled,
     causal_mask,
     chunk_loop,
     chunk_scores,
+    decay_operands,
     decayed_mm,
     decayed_tmm,
-    decay_operands,
     fast_factors,
     load_factors,
     lowp,
@@ -135,7 +134,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
         if fast and mode == PER_DIM:
             # dq = exp(b) * ((dP masked) (k exp(-b)) + dO S^T): k exp(-b) enters in two bf16
             # parts, so the decay gradient q * dq keeps ~16 bits (see DG_SPLIT).
-            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+            e, einv, fk, fa = fast_factors(bf_ref, sl)
             ks = lowp(k.astype(_f32) * einv, k.dtype, "qk_decay", split)
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype)
             dq = e * (mmx(dpl, ks) + inter)
@@ -182,7 +181,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
         dp = scale * mm(do, v, tb=True)
         inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         if fast and mode == PER_DIM:
-            e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+            e, einv, fk, fa = fast_factors(bf_ref, sl)
             qs = lowp(q.astype(_f32) * e, q.dtype, "qk_decay", split)
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype)
             dk = einv * mmx(dpl, qs, ta=True) + inter * fk

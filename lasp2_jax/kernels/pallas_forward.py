@@ -166,38 +166,30 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
     return fq, fk, fa[:, None]
 
 
-# With a decay of a form in FAST_PATH_MODES each chunk takes one of two paths. Fast: with no
-# reset in the chunk and every chunk-local log decay above SAFE_LOG_DECAY,
-# A = (q exp(b)) (k exp(-b))^T is one matmul: the factor exp(-b) <= exp(-SAFE_LOG_DECAY) stays
-# finite and each product is still exp(b_i - b_j) <= 1 for j <= i; no [C, C] decay matrix is
-# formed. Exact: otherwise every exponent is <= 0 and a reset is an exact zero: the [C, C]
-# pair weights for a scalar decay, and for a per-dimension decay sub-chunks of SUB_CHUNK
-# tokens with a [SUB, SUB, slice] product.
+# A per-dimension decay takes, chunk by chunk, one of two paths. Fast: with no reset in the
+# chunk and every chunk-local log decay above SAFE_LOG_DECAY, A = (q exp(b)) (k exp(-b))^T is
+# one matmul: the factor exp(-b) <= exp(-SAFE_LOG_DECAY) stays finite and each product is still
+# exp(b_i - b_j) <= 1 for j <= i. Exact: otherwise every exponent is <= 0 and a reset is an
+# exact zero, on sub-chunks of SUB_CHUNK tokens with a [SUB, SUB, slice] product. (A scalar
+# decay picks its pair weights once per program instead: see chunk_loop.)
 SAFE_LOG_DECAY = -40.0
 SUB_CHUNK = 16
-# Which decay forms take the fast path (read when a kernel is traced). On an H100 the branch
-# made the scalar form slower (simple GLA fwd 0.84 ms against 0.45 ms on the exact path at
-# B=1 T=16K H=16 D=128) and the per-dimension form faster (fwd 1.53 ms against 2.98 ms).
+# The forms that take the per-chunk fast path (read when a kernel is traced; empty: always
+# exact). On an H100 it halved the per-dimension forward (1.53 ms against 2.98 ms at B=1
+# T=16K H=16 D=128); for the scalar form the per-chunk branch made it 2x slower.
 FAST_PATH_MODES = frozenset({PER_DIM})
 
 
-def fast_path_ok(bf_ref, cnt_ref, sl, mode: str):
-    if mode == SCALAR:
-        bf, cnt = bf_ref[sl], cnt_ref[sl]
-        return (jnp.max(cnt, axis=0) == 0.0) & (jnp.min(bf, axis=0) > SAFE_LOG_DECAY)
+def fast_path_ok(bf_ref, cnt_ref, sl):
+    """Per-dimension decay: no reset in the chunk and every log decay above SAFE_LOG_DECAY."""
     bf, cnt = bf_ref[sl, :], cnt_ref[sl, :]
     no_reset = jnp.max(jnp.max(cnt, axis=1), axis=0) == 0.0
     return no_reset & (jnp.min(jnp.min(bf, axis=1), axis=0) > SAFE_LOG_DECAY)
 
 
-def fast_factors(bf_ref, sl, mode: str):
-    """exp(b), exp(-b), the k-side factor exp(b_C - b), broadcastable against [C, Dk] tiles,
-    and the chunk factor exp(b_C) against [Dk, *] states, for a chunk without resets."""
-    if mode == SCALAR:
-        bf = bf_ref[sl]
-        last = jnp.min(bf, axis=0)
-        return (jnp.exp(bf)[:, None], jnp.exp(-bf)[:, None],
-                jnp.exp(jnp.minimum(last - bf, 0.0))[:, None], jnp.exp(last))
+def fast_factors(bf_ref, sl):
+    """Per-dimension decay, a chunk without resets: exp(b), exp(-b) and the k-side factor
+    exp(b_C - b) as [C, Dk] tiles, and the chunk factor exp(b_C) as [Dk, 1]."""
     bf = bf_ref[sl, :]
     last = jnp.min(bf, axis=0)
     return (jnp.exp(bf), jnp.exp(-bf), jnp.exp(jnp.minimum(last[None, :] - bf, 0.0)),
@@ -231,7 +223,7 @@ def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
 
     if mode not in FAST_PATH_MODES:
         return exact(carry)
-    return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl, mode),
+    return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl),
                     lambda carry: step(sl, c, carry, None, True, tiles), exact, carry)
 
 
@@ -290,7 +282,7 @@ def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, m
     scalar decay, factorised pair weights; otherwise the exact path of :func:`intra_scores`.
     """
     if fast and mode == PER_DIM:
-        e, einv, fk, fa = fast_factors(bf_ref, sl, mode)
+        e, einv, fk, fa = fast_factors(bf_ref, sl)
         a = jnp.where(causal_mask(cc), mm(_scaled(q, e), _scaled(k, einv), tb=True), 0.0)
         return a, e, fk, fa
     a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,

@@ -110,7 +110,7 @@ class _SwiGLUStep(SwiGLU):
 
 
 # SwiGLU over a stack of token groups [n, B, T/n, D] in turn, each group recomputed in the
-# backward pass: the [B, T, hidden] intermediates exist for one group at a time. Same
+# backward pass: the MLP intermediates exist for one group ([B, T/n, hidden]) at a time. Same
 # parameters (and names) as SwiGLU. Call as ChunkedSwiGLU(...)(None, groups) -> (None, out).
 ChunkedSwiGLU = nn.scan(nn.remat(_SwiGLUStep, prevent_cse=False), variable_broadcast="params",
                         split_rngs={"params": False}, in_axes=0, out_axes=0)

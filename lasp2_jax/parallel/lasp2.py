@@ -97,7 +97,7 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     decay_grad = perturbed[3]
     out, pullback, decays = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size,
                                                   backend, gather_splits, decay_grad)
-    return out, (pullback, decays, q, g, () if decay_grad else None)
+    return out, (pullback, decays, q, g)
 
 
 def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend, gather_splits,
@@ -129,7 +129,7 @@ def _no_decay_cotangent(pullback_qkvs, cts):
 
 def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, res,
                       cts):
-    pullback, decays, q, g, _ = res
+    pullback, decays, q, g = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
     ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g), do.astype(_f32))
