@@ -94,6 +94,8 @@ def methods(mesh, backend):
         "lasp1": lambda q, k, v: lasp1_linear_attention(q, k, v, **lin),
         "allgather_kv_linear": allgather_kv_linear(mesh, backend),
         "softmax_allgather": lambda q, k, v: lasp2_jax.softmax_attention(q, k, v, mesh=mesh),
+        "softmax_allgather_pallas": lambda q, k, v: lasp2_jax.softmax_attention(
+            q, k, v, mesh=mesh, backend="pallas"),
         "softmax_ring": lambda q, k, v: ring_softmax_attention(q, k, v, mesh=mesh),
     }
 

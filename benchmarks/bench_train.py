@@ -104,12 +104,14 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
+    ap.add_argument("--softmax-backend", default="xla", help="the hybrid's softmax layers")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     base = dict(TINY) if args.quick else dict(LLAMA3_1B)
     if args.layers:
         base["n_layers"] = args.layers
+    base["softmax_backend"] = args.softmax_backend
     if args.quick:
         args.lengths, args.weak_per_gpu = "256,1024", 128
     W = args.sp or jax.device_count()

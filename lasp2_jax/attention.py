@@ -204,20 +204,27 @@ def lasp1_linear_attention_local(q, k, v, *, log_decay=None, causal: bool = True
 _SOFTMAX_METHODS = {"lasp2h": lasp2h_softmax, "ring": ring_softmax}
 
 
-def _softmax_local(method, q, k, v, segment_ids, *, causal, scale, axis_name):
+SOFTMAX_BACKENDS = ("xla", "pallas")
+
+
+def _softmax_local(method, q, k, v, segment_ids, *, causal, scale, axis_name, backend="xla"):
     _check_qkv(q, k, v)
+    if backend not in SOFTMAX_BACKENDS:
+        raise ValueError(f"softmax backend={backend!r}; expected one of {SOFTMAX_BACKENDS}")
     if segment_ids is not None and tuple(segment_ids.shape) != q.shape[:2]:
         raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected [B, T] = "
                          f"{q.shape[:2]}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if axis_name is None and method == "ring":
         method = "lasp2h"  # one device: both are plain blockwise attention
+    kw = {} if method == "ring" else dict(backend=backend)
     return _SOFTMAX_METHODS[method](q, k, v, segment_ids, axis_name=axis_name, causal=causal,
-                                    scale=scale)
+                                    scale=scale, **kw)
 
 
-def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids):
-    local = functools.partial(_softmax_local, method, causal=causal, scale=scale)
+def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids, backend="xla"):
+    local = functools.partial(_softmax_local, method, causal=causal, scale=scale,
+                              backend=backend)
     if mesh is None:
         return local(q, k, v, segment_ids, axis_name=None)
     _check_qkv(q, k, v)
@@ -229,7 +236,7 @@ def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids):
 
 
 def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
-                      mesh: Mesh | None = None, segment_ids=None):
+                      mesh: Mesh | None = None, segment_ids=None, backend: str = "xla"):
     """Softmax attention with LASP-2H sequence parallelism (all-gather of K and V over 'sp').
 
     Args:
@@ -239,18 +246,21 @@ def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = Non
       scale: default D ** -0.5.
       mesh: as in :func:`linear_attention`.
       segment_ids: [B, T] integer document ids: queries see keys of their own document only.
+      backend: "xla" (blockwise jnp with an online softmax) or "pallas" (flash-attention
+        kernels, :mod:`lasp2_jax.kernels.softmax_pallas`; opt-in, interpreted on CPU).
     Returns:
       [B, T, H, Dv] in q's dtype.
     """
     return _softmax_global("lasp2h", q, k, v, causal=causal, scale=scale, mesh=mesh,
-                           segment_ids=segment_ids)
+                           segment_ids=segment_ids, backend=backend)
 
 
 def softmax_attention_local(q, k, v, *, causal: bool = True, scale: float | None = None,
-                            axis_name: str | None = "sp", segment_ids=None):
+                            axis_name: str | None = "sp", segment_ids=None,
+                            backend: str = "xla"):
     """:func:`softmax_attention` in local view, inside a ``shard_map`` over ``axis_name``."""
     return _softmax_local("lasp2h", q, k, v, segment_ids, causal=causal, scale=scale,
-                          axis_name=axis_name)
+                          axis_name=axis_name, backend=backend)
 
 
 def ring_softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = None,

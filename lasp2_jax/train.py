@@ -94,7 +94,7 @@ def init_state(cfg: TrainConfig, tx, shardings):
     """Params from the seed, fresh optimizer state, step 0: built already sharded."""
     # init traces one forward pass that is then thrown away; the portable backend keeps GPU
     # kernels out of that compile (the params do not depend on the backend).
-    model = LinearLlama3(dataclasses.replace(cfg.model, backend="xla"))
+    model = LinearLlama3(dataclasses.replace(cfg.model, backend="xla", softmax_backend="xla"))
 
     def init():
         params = nn.unbox(model.init(jax.random.key(cfg.seed),

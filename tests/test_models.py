@@ -224,3 +224,16 @@ def test_mlp_chunks_change_memory_not_math():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ggot), jax.tree.leaves(gwant), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+def test_softmax_backends_agree_in_a_hybrid():
+    """The hybrid's softmax layers on the Pallas flash kernels (interpret mode) give the same
+    logits as the blockwise XLA path, with documents."""
+    cfg, model, params = _model(mixer="basic", softmax_every=2, n_kv_heads=2)
+    pallas_model = LinearLlama3(ModelConfig(**{**SMALL, "mixer": "basic", "softmax_every": 2,
+                                               "n_kv_heads": 2, "softmax_backend": "pallas"}))
+    tokens = _tokens(2, 24)
+    seg = jnp.asarray(np.repeat([[0] * 9 + [1] * 15], 2, axis=0), jnp.int32)
+    want = model.apply({"params": params}, tokens, seg)
+    got = pallas_model.apply({"params": params}, tokens, seg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

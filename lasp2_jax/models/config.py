@@ -47,6 +47,7 @@ class ModelConfig:
     scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
     chunk_size: int = 64  # linear-attention chunk length
     backend: str = "auto"  # linear-attention backend: "xla" | "pallas" | "auto"
+    softmax_backend: str = "xla"  # softmax layers: "xla" (blockwise) | "pallas" (flash kernels)
 
     @property
     def kv_heads(self) -> int:
@@ -101,6 +102,8 @@ class ModelConfig:
             if bidi:
                 bad("causal", f"bidirectional models need decay-free mixers "
                               f"{BIDIRECTIONAL_MIXERS}; got {sorted(bidi)}")
+        if self.softmax_backend not in ("xla", "pallas"):
+            bad("softmax_backend", "expected xla or pallas")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 bad(name, "expected float32, bfloat16 or float16")

@@ -285,7 +285,8 @@ class SoftmaxAttention(_Mixer):
         v = self.heads(x, Hkv, Dh, "v", kv=True)
         # Bidirectional models treat the window as one sequence, as the linear mixers must.
         o = lasp2_jax.softmax_attention(q, k, v, causal=c.causal, mesh=self.mesh,
-                                        segment_ids=segment_ids if c.causal else None)
+                                        segment_ids=segment_ids if c.causal else None,
+                                        backend=c.softmax_backend)
         return self.output(x, o, norm=False)
 
 

@@ -12,8 +12,11 @@ from lasp2_jax.kernels.softmax_xla import blockwise_attention
 
 
 def lasp2h_softmax(q, k, v, segment_ids=None, *, axis_name, causal: bool, scale: float,
-                   block_size: int = 512):
-    """q: [B, L, H, D]; k, v: [B, L, Hkv, D]; segment_ids: [B, L] or None -> [B, L, H, Dv]."""
+                   block_size: int = 512, backend: str = "xla"):
+    """q: [B, L, H, D]; k, v: [B, L, Hkv, D]; segment_ids: [B, L] or None -> [B, L, H, Dv].
+
+    backend: "xla" (blockwise jnp) or "pallas" (flash-attention kernels with the rank's offset).
+    """
     L = q.shape[1]
     q_seg = k_seg = segment_ids
     offset = 0
@@ -22,5 +25,10 @@ def lasp2h_softmax(q, k, v, segment_ids=None, *, axis_name, causal: bool, scale:
         if segment_ids is not None:
             k_seg = jax.lax.all_gather(segment_ids, axis_name, axis=1, tiled=True)
         offset = jax.lax.axis_index(axis_name) * L
+    if backend == "pallas":
+        from lasp2_jax.kernels.softmax_pallas import flash_attention
+
+        return flash_attention(q, k, v, q_offset=offset, causal=causal, scale=scale,
+                               q_seg=q_seg, k_seg=k_seg)
     return blockwise_attention(q, k, v, q_pos=offset + jnp.arange(L), causal=causal,
                                scale=scale, q_seg=q_seg, k_seg=k_seg, block_size=block_size)
