@@ -144,12 +144,12 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d
 def _specs(H: int, G: int, L: int, S: int, bq: int, bk: int, d: int, dv: int, has_seg: bool,
            over: str):
     """BlockSpecs of (offset, q, k, v, q_seg, k_seg) for a grid (B * H, blocks of ``over``)."""
-    def qmap(rows):
+    def qmap():
         if over == "q":
             return lambda bh, i: (bh // H, i, bh % H, 0)
         return lambda bh, i: (bh // H, 0, bh % H, 0)
 
-    def kmap(rows):
+    def kmap():
         if over == "k":
             return lambda bh, i: (bh // H, i, (bh % H) // G, 0)
         return lambda bh, i: (bh // H, 0, (bh % H) // G, 0)
@@ -157,9 +157,9 @@ def _specs(H: int, G: int, L: int, S: int, bq: int, bk: int, d: int, dv: int, ha
     lq = bq if over == "q" else L
     lk = bk if over == "k" else S
     specs = [pl.BlockSpec((_OFFSET_LANES,), lambda bh, i: (0,)),
-             pl.BlockSpec((None, lq, None, d), qmap(lq)),
-             pl.BlockSpec((None, lk, None, d), kmap(lk)),
-             pl.BlockSpec((None, lk, None, dv), kmap(lk))]
+             pl.BlockSpec((None, lq, None, d), qmap()),
+             pl.BlockSpec((None, lk, None, d), kmap()),
+             pl.BlockSpec((None, lk, None, dv), kmap())]
     if has_seg:
         specs += [pl.BlockSpec((None, lq), (lambda bh, i: (bh // H, i)) if over == "q"
                                else (lambda bh, i: (bh // H, 0))),
