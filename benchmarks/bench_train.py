@@ -39,11 +39,9 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int,
-            fsdp: bool = False):
-    """Median step time of one AdamW step on ``sp`` devices; returns a result row.
-
-    fsdp: parameters, gradients and optimizer state sharded over the sp ranks."""
+def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool = False):
+    """(cfg, state, step_fn, batch, init seconds) for one sequence of ``seq_len`` random tokens
+    on ``sp`` devices. fsdp: parameters, gradients and optimizer state sharded over sp."""
     cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1, fsdp=fsdp), steps=10,
                         ce_chunks=ce_chunks, progress=False)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len,
@@ -64,6 +62,13 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
                  targets=jax.device_put(tokens[:, 1:], data_sh),
                  weights=jax.device_put(np.ones((1, seq_len), np.float32), data_sh),
                  segment_ids=None)
+    return cfg, state, step_fn, batch, t_init
+
+
+def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int,
+            fsdp: bool = False):
+    """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
+    cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)  # compile
     jax.block_until_ready(metrics)

@@ -1,0 +1,156 @@
+"""Where one Linear-Llama3-1B training step spends its device time: a profiler trace of a few
+steps, summed by category (matmuls, linear-attention kernels, softmax kernels, collectives,
+other), with the collective time that no compute on the same device overlaps ("exposed").
+
+    python benchmarks/profile_train.py --case pure:4:65536          # on a 4-GPU machine
+    python benchmarks/profile_train.py --quick                      # CPU dry run, tiny model
+
+Writes <out>/profile_<case>.json (the summary) and the raw trace under <out>/trace/, and
+prints the table last. Categories come from event names (XLA op and kernel names), so they
+are approximate where a fusion mixes work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import time
+
+if "--quick" in sys.argv:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train as BT  # noqa: E402
+
+from lasp2_jax.models import ModelConfig  # noqa: E402
+
+CATEGORIES = (  # first match wins
+    ("collective", r"all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|collective[-_]?permute"
+                   r"|nccl|ppermute|rendezvous"),
+    ("linear_attention", r"lasp2_"),
+    ("softmax_attention", r"lasp2h_flash"),
+    ("matmul", r"gemm|cublas|cutlass|matmul|\bdot\b|dot_general|sm90_xmma|wgmma"),
+)
+_HOST_OVERHEAD = re.compile(r"^\$|PjitFunction|Execute|ThunkExecutor|profiler")
+
+
+def category(name: str) -> str:
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def _union_length(intervals):
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _exposed(comm, compute):
+    """Length of the comm intervals not covered by any compute interval."""
+    both = _union_length(comm + compute)
+    return both - _union_length(compute)
+
+
+def summarize(trace_path: str, steps: int):
+    """Per-step device milliseconds by category, exposed collective time and top events."""
+    with gzip.open(trace_path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {p for p, n in names.items() if re.search(r"gpu|device", n, re.IGNORECASE)}
+    pids = device_pids or set(names)  # CPU dry run: the host threads stand in for devices
+    # On a GPU each device also has "XLA Ops" / "XLA Modules" lines that repeat the kernels
+    # of its streams: count the stream lines only, where there are any.
+    streams = {(e["pid"], e["tid"]) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e.get("pid") in pids and "stream" in e["args"]["name"].lower()}
+    by_cat, top, per_device = {}, {}, {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in pids or _HOST_OVERHEAD.search(e["name"]):
+            continue
+        if streams and (e["pid"], e.get("tid")) not in streams:
+            continue
+        cat = category(e["name"])
+        dur = e.get("dur", 0.0)
+        by_cat[cat] = by_cat.get(cat, 0.0) + dur
+        top[e["name"]] = top.get(e["name"], 0.0) + dur
+        span = (e["ts"], e["ts"] + dur)
+        dev = per_device.setdefault(e["pid"], {"comm": [], "compute": []})
+        dev["comm" if cat == "collective" else "compute"].append(span)
+    n_dev = max(len(per_device), 1)
+    exposed = sum(_exposed(d["comm"], d["compute"]) for d in per_device.values())
+    scale = 1e-3 / (steps * n_dev)  # us summed over devices and steps -> ms per device-step
+    return dict(
+        devices=n_dev,
+        ms_per_step=({c: t * scale for c, t in sorted(by_cat.items())}),
+        exposed_collective_ms_per_step=exposed * scale,
+        top_events_ms_per_step=[(n, t * scale) for n, t in
+                                sorted(top.items(), key=lambda x: -x[1])[:20]],
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", default="pure:4:65536",
+                    help="model:sp:tokens[:full|dots][:fsdp], as in bench_train --cases")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    base = dict(BT.TINY) if args.quick else dict(BT.LLAMA3_1B)
+    if args.quick:
+        args.case = "hybrid:4:1024"
+    model, sp, seq_len, *options = args.case.split(":")
+    sp, seq_len = int(sp), int(seq_len)
+    variant = dict(BT.VARIANTS[model])
+    if model == "hybrid":
+        variant["n_kv_heads"] = base["n_heads"] // 2
+    variant["mlp_chunks"] = max(1, seq_len // sp // 65536)
+    for option in options:
+        if option in ("full", "dots"):
+            variant["remat"] = option
+    mcfg = ModelConfig(**{**base, **variant})
+    _, state, step_fn, batch, _ = BT.build(mcfg, sp, seq_len, max(1, seq_len // 16384),
+                                           fsdp="fsdp" in options)
+    for _ in range(2):  # compile and warm up
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    tag = "profile_" + args.case.replace(":", "_") + ("_quick" if args.quick else "")
+    trace_dir = os.path.join(args.out, "trace")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.steps):
+            state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+    wall = (time.perf_counter() - t0) / args.steps
+    trace = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                          recursive=True), key=os.path.getmtime)
+    summary = dict(case=args.case, card=jax.devices()[0].device_kind, jax=jax.__version__,
+                   step_wall_ms=wall * 1e3, **summarize(trace, args.steps))
+    with open(os.path.join(args.out, tag + ".json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{summary['card']} x{sp}, {args.case}: step {summary['step_wall_ms']:.1f} ms "
+          f"(wall, with the profiler)")
+    for cat, ms in summary["ms_per_step"].items():
+        print(f"  {cat:<18} {ms:10.2f} ms per device and step")
+    print(f"  {'exposed collective':<18} {summary['exposed_collective_ms_per_step']:10.2f} ms")
+    print("top events (ms per device and step):")
+    for name, ms in summary["top_events_ms_per_step"][:10]:
+        print(f"  {ms:10.2f}  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
