@@ -112,9 +112,23 @@ def _diag(x):
 
 
 def _db_store(db_ref, sl, x, dx, mode: str):
-    """Store x * dx for the decay gradient (if wanted): summed over Dk for the scalar form."""
-    if db_ref is not None:
-        _db_put(db_ref, sl, x.astype(_f32) * dx, mode)
+    """Store x * dx for the decay gradient: summed over Dk for the scalar form."""
+    _db_put(db_ref, sl, x.astype(_f32) * dx, mode)
+
+
+def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, split: frozenset,
+                 *, transpose: bool):
+    """The intra-chunk term of dq, (dP * W) k (x = k), or of dk, (dP * W)^T q (x = q,
+    transpose), off the per-dimension fast path. Also returns the [C, C] scores as they entered
+    the product, whose diagonal the decay gradient leaves out (module docstring)."""
+    if mode == PER_DIM:
+        w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], cc)
+        x32 = x.astype(_f32)
+        if transpose:
+            return jnp.sum(dp[:, :, None] * x32[:, None, :] * w, axis=0), dp
+        return jnp.sum(dp[:, :, None] * x32[None, :, :] * w, axis=1), dp
+    wdp = lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, cc, fast), x.dtype, "dscores", split)
+    return mmx(wdp, x, ta=transpose), wdp
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,23 +152,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             ks = lowp(k.astype(_f32) * einv, k.dtype, "qk_decay", split)
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype)
             dq = e * (mmx(dpl, ks) + inter)
-            _db_store(db_ref, sl, q, dq - e * _diag(dpl) * _as_f32(ks), mode)
+            if db_ref is not None:
+                _db_store(db_ref, sl, q, dq - e * _diag(dpl) * _as_f32(ks), mode)
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
             if fq is not None:
                 inter = inter * fq
-            if mode == PER_DIM:
-                w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], cc)
-                intra = jnp.sum(dp[:, :, None] * k.astype(_f32)[None, :, :] * w, axis=1)
-                d = _diag(dp)
-            else:
-                wdp = lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, cc, fast), k.dtype,
-                           "dscores", split)
-                intra = mmx(wdp, k)
-                d = _diag(wdp)
+            intra, scores = _exact_intra(dp, k, bf_ref, cnt_ref, sl, cc, mode, fast, split,
+                                         transpose=False)
             dq = intra + inter
-            _db_store(db_ref, sl, q, dq - d * k.astype(_f32), mode)
+            if db_ref is not None:
+                _db_store(db_ref, sl, q, dq - _diag(scores) * k.astype(_f32), mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
@@ -185,24 +194,19 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
             qs = lowp(q.astype(_f32) * e, q.dtype, "qk_decay", split)
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype)
             dk = einv * mmx(dpl, qs, ta=True) + inter * fk
-            _db_store(db_ref, sl, k, dk - einv * _diag(dpl) * _as_f32(qs), mode)
+            if db_ref is not None:
+                _db_store(db_ref, sl, k, dk - einv * _diag(dpl) * _as_f32(qs), mode)
             q_dh = qs  # q exp(b), as the dS update below needs it
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before)
             fq, fk, fa = (None, None, 1.0) if f is None else f
             if fk is not None:
                 inter = inter * fk
-            if mode == PER_DIM:
-                w = pair_weights_dim(bf_ref[sl, :], cnt_ref[sl, :], cc)
-                intra = jnp.sum(dp[:, :, None] * q.astype(_f32)[:, None, :] * w, axis=0)
-                d = _diag(dp)
-            else:
-                wdp = lowp(_weighted_dp(dp, bf_ref, cnt_ref, sl, mode, cc, fast), q.dtype,
-                           "dscores", split)
-                intra = mmx(wdp, q, ta=True)
-                d = _diag(wdp)
+            intra, scores = _exact_intra(dp, q, bf_ref, cnt_ref, sl, cc, mode, fast, split,
+                                         transpose=True)
             dk = intra + inter
-            _db_store(db_ref, sl, k, dk - d * q.astype(_f32), mode)
+            if db_ref is not None:
+                _db_store(db_ref, sl, k, dk - _diag(scores) * q.astype(_f32), mode)
             q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         return fa * dh + scale * mmx(q_dh, do, ta=True)
