@@ -46,7 +46,7 @@ from lasp2_jax.metrics import (
 )
 from lasp2_jax.metrics import peak_flops_per_device as _device_peak_flops
 from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
-from lasp2_jax.models.layers import constrain
+from lasp2_jax.models.layers import constrain, token_groups
 
 # --------------------------------------------------------------------------- model state
 
@@ -111,12 +111,10 @@ def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
     """Sum of weighted token cross-entropies and of weights, never holding all logits.
 
     h [B, T, D], w [D, V], targets / weights [B, T]. Tokens are split into ``n_chunks``
-    interleaved groups (token t in group t % n_chunks): with T sharded over 'sp' in
-    contiguous blocks, every group keeps that sharding, so no chunk moves data between
-    ranks. Each chunk's logits are recomputed in the backward pass (checkpoint), so peak
+    interleaved groups (:func:`lasp2_jax.models.layers.token_groups`), which keep the 'sp'
+    sharding. Each chunk's logits are recomputed in the backward pass (checkpoint), so peak
     memory holds one chunk of [B, T / n_chunks, V] logits.
     """
-    B, T, D = h.shape
 
     def chunk_loss(hc, tc, wc):
         logits = jnp.einsum("btd,dv->btv", hc, w.astype(hc.dtype),
@@ -128,10 +126,7 @@ def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
 
     if n_chunks == 1:
         return chunk_loss(h, targets, weights), jnp.sum(weights)
-    c = T // n_chunks
-    hs = jnp.moveaxis(h.reshape(B, c, n_chunks, D), 2, 0)
-    ts = jnp.moveaxis(targets.reshape(B, c, n_chunks), 2, 0)
-    ws = jnp.moveaxis(weights.reshape(B, c, n_chunks), 2, 0)
+    hs, ts, ws = (token_groups(x, n_chunks) for x in (h, targets, weights))
     body = jax.checkpoint(chunk_loss)
 
     def step(total, xs):

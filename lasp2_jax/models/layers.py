@@ -116,16 +116,23 @@ ChunkedSwiGLU = nn.scan(nn.remat(_SwiGLUStep, prevent_cse=False), variable_broad
                         split_rngs={"params": False}, in_axes=0, out_axes=0)
 
 
-def over_token_groups(x, groups: int, fn):
-    """fn on x [B, T, D] split into ``groups`` interleaved token groups [groups, B, T/g, D].
+def token_groups(x, groups: int):
+    """x [B, T, ...] as ``groups`` interleaved token groups [groups, B, T/groups, ...].
 
     Group j holds the tokens t with t % groups == j: with T sharded over 'sp' in contiguous
-    blocks each group keeps that sharding, so no data moves between ranks.
+    blocks each group keeps that sharding, so working group by group moves no data between
+    ranks. T % groups == 0.
     """
+    B, T = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, T // groups, groups, *x.shape[2:]), 2, 0)
+
+
+def over_token_groups(x, groups: int, fn):
+    """fn on x [B, T, D] as :func:`token_groups` [groups, B, T/g, D], then back to [B, T, D']."""
     B, T, D = x.shape
     if T % groups:
         raise ValueError(f"mlp_chunks={groups} must divide the sequence length {T}")
-    ys = fn(jnp.moveaxis(x.reshape(B, T // groups, groups, D), 2, 0))
+    ys = fn(token_groups(x, groups))
     return jnp.moveaxis(ys, 0, 2).reshape(B, T, ys.shape[-1])
 
 
