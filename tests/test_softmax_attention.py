@@ -1,5 +1,7 @@
 """softmax_attention (LASP-2H) and the Ring Attention baseline against dense float64 softmax."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -27,9 +29,16 @@ def _segments(r, B, T):
 @pytest.mark.parametrize("dp,sp,tp", [(1, 1, 1), (2, 2, 1), (1, 4, 2), (1, 8, 1)],
                          ids=lambda x: str(x))
 def test_matches_dense_oracle(dp, sp, tp, method, causal, with_segments):
+    _check(method, dp=dp, sp=sp, tp=tp, local_len=8, D=8, Dv=8, causal=causal,
+           with_segments=with_segments)
+
+
+def _check(method, *, dp, sp, tp, local_len, D, Dv, causal, with_segments):
+    """Outputs and q, k, v gradients of ``method`` over a (dp, sp, tp) mesh against dense
+    float64 softmax attention (4 query heads on 2 kv heads)."""
     r = rng()
-    B, T, H, Hkv, D = 2 * dp, 8 * sp, 4, 2, 8
-    q, k, v = normal(r, (B, T, H, D)), normal(r, (B, T, Hkv, D)), normal(r, (B, T, Hkv, D))
+    B, T, H, Hkv = 2 * dp, local_len * sp, 4, 2
+    q, k, v = normal(r, (B, T, H, D)), normal(r, (B, T, Hkv, D)), normal(r, (B, T, Hkv, Dv))
     seg = _segments(r, B, T) if with_segments else None
     m = mesh(dp, sp, tp)
 
@@ -39,7 +48,7 @@ def test_matches_dense_oracle(dp, sp, tp, method, causal, with_segments):
     def oracle(q, k, v):
         return reference.softmax_attention_reference(q, k, v, causal=causal, segment_ids=seg)
 
-    cot = [normal(r, (B, T, H, D))]
+    cot = [normal(r, (B, T, H, Dv))]
     o, grads = value_and_grads(jax.jit(ours), [q, k, v], cot)
     o_ref, grads_ref = in_float64(oracle, [q, k, v], cot)
     assert rel_err(o, o_ref) < TOL
@@ -88,25 +97,8 @@ def test_pallas_flash_kernels_match_dense_oracle(dp, sp, tp, causal, with_segmen
     """LASP-2H with the Pallas flash-attention kernels (interpret mode on CPU): each rank's
     queries at its offset against the gathered keys; ragged blocks (L = 20 per rank, blocks of
     64 padded), head sizes not powers of two, GQA."""
-    r = rng()
-    B, T, H, Hkv, D, Dv = 2 * dp, 20 * sp, 4, 2, 12, 10
-    q, k, v = normal(r, (B, T, H, D)), normal(r, (B, T, Hkv, D)), normal(r, (B, T, Hkv, Dv))
-    seg = _segments(r, B, T) if with_segments else None
-    m = mesh(dp, sp, tp)
-
-    def ours(q, k, v):
-        return lasp2_jax.softmax_attention(q, k, v, causal=causal, mesh=m, segment_ids=seg,
-                                           backend="pallas")
-
-    def oracle(q, k, v):
-        return reference.softmax_attention_reference(q, k, v, causal=causal, segment_ids=seg)
-
-    cot = [normal(r, (B, T, H, Dv))]
-    o, grads = value_and_grads(jax.jit(ours), [q, k, v], cot)
-    o_ref, grads_ref = in_float64(oracle, [q, k, v], cot)
-    assert rel_err(o, o_ref) < TOL
-    for got, want in zip(grads, grads_ref):
-        assert rel_err(got, want) < TOL
+    _check(functools.partial(lasp2_jax.softmax_attention, backend="pallas"), dp=dp, sp=sp,
+           tp=tp, local_len=20, D=12, Dv=10, causal=causal, with_segments=with_segments)
 
 
 def test_flash_kernel_small_blocks_and_late_offset():
