@@ -39,11 +39,48 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool = False):
+CASE_OPTIONS = ("full", "dots", "fsdp", "bf16grad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured configuration, written model:sp:tokens[:option...] on the command line."""
+    model: str  # a key of VARIANTS
+    sp: int
+    seq_len: int
+    remat: str | None = None  # "full" | "dots"; None: the base config's
+    fsdp: bool = False  # params, gradients and optimizer state sharded over the sp ranks
+    grad_dtype: str = "float32"  # bf16grad: weight gradients reduced in bf16
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        model, sp, seq_len, *options = text.split(":")
+        bad = [o for o in options if o not in CASE_OPTIONS]
+        if model not in VARIANTS or bad:
+            raise SystemExit(f"case {text!r}: model must be one of {sorted(VARIANTS)} and "
+                             f"options among {CASE_OPTIONS}")
+        remat = next((o for o in options if o in ("full", "dots")), None)
+        return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
+                   "bfloat16" if "bf16grad" in options else "float32")
+
+    def model_config(self, base: dict, mlp_chunks: int | None = None) -> ModelConfig:
+        variant = dict(VARIANTS[self.model])
+        if self.model == "hybrid":
+            variant["n_kv_heads"] = base["n_heads"] // 2
+        # Long local sequences: the MLP over token groups of <= 64K (its [T, 8192]
+        # intermediates dominate the peak otherwise).
+        variant["mlp_chunks"] = mlp_chunks or max(1, self.seq_len // self.sp // 65536)
+        if self.remat:
+            variant["remat"] = self.remat
+        return ModelConfig(**{**base, **variant})
+
+
+def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool = False,
+          grad_dtype: str = "float32"):
     """(cfg, state, step_fn, batch, init seconds) for one sequence of ``seq_len`` random tokens
     on ``sp`` devices. fsdp: parameters, gradients and optimizer state sharded over sp."""
     cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1, fsdp=fsdp), steps=10,
-                        ce_chunks=ce_chunks, progress=False)
+                        ce_chunks=ce_chunks, progress=False, grad_dtype=grad_dtype)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len,
                                                             batch_size=1))
     mesh = T.make_mesh(dp=1, sp=sp, tp=1, devices=jax.devices()[:sp])
@@ -66,9 +103,9 @@ def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool =
 
 
 def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int,
-            fsdp: bool = False):
+            fsdp: bool = False, grad_dtype: str = "float32"):
     """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
-    cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp)
+    cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp, grad_dtype)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)  # compile
     jax.block_until_ready(metrics)
@@ -101,9 +138,10 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:full|dots][:fsdp],... run just these, in order (else "
-                         "the full sweep); remat policy full (default) or dots; fsdp shards "
-                         "params and optimizer state over the sp ranks")
+                    help="model:sp:tokens[:full|dots][:fsdp][:bf16grad],... run just these, in "
+                         "order (else the full sweep); remat policy full (default) or dots; "
+                         "fsdp shards params and optimizer state over the sp ranks; bf16grad "
+                         "reduces the weight gradients in bf16")
     ap.add_argument("--mlp-chunks", type=int, default=None,
                     help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
@@ -130,57 +168,46 @@ def main():
         with open(os.path.join(args.out, tag + ".json"), "w") as f:
             json.dump(dict(card=card, devices=W, jax=jax.__version__, rows=rows), f, indent=1)
 
-    def run(model, sp, seq_len, study, *options):
-        remat = next((o for o in options if o in ("full", "dots")), None)
-        fsdp = "fsdp" in options
+    def run(case: Case, study: str):
         if time.time() - t_start > args.budget_s:
-            print(f"budget reached: skip {model} sp={sp} T={seq_len}", flush=True)
+            print(f"budget reached: skip {case}", flush=True)
             return False
-        variant = dict(VARIANTS[model])
-        if model == "hybrid":
-            variant["n_kv_heads"] = base["n_heads"] // 2
-        local = seq_len // sp
-        # Long local sequences: the MLP over token groups of <= 64K (its [T, 8192]
-        # intermediates dominate the peak otherwise).
-        variant["mlp_chunks"] = args.mlp_chunks or max(1, local // 65536)
-        if remat:
-            variant["remat"] = remat
-        mcfg = ModelConfig(**{**base, **variant})
+        mcfg = case.model_config(base, args.mlp_chunks)
         try:
-            row = measure(mcfg, sp, seq_len, ce_chunks=max(1, seq_len // 16384), steps=args.steps,
-                          fsdp=fsdp)
+            row = measure(mcfg, case.sp, case.seq_len, ce_chunks=max(1, case.seq_len // 16384),
+                          steps=args.steps, fsdp=case.fsdp, grad_dtype=case.grad_dtype)
         except Exception as e:  # out of memory: the previous length was the longest
-            print(f"{model} sp={sp} T={seq_len}: failed ({type(e).__name__}: {str(e)[:160]})",
-                  flush=True)
+            print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
-        row.update(model=model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=fsdp, xla_flags=os.environ.get("XLA_FLAGS", ""))
+        row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
+                   fsdp=case.fsdp, grad_dtype=case.grad_dtype,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)
         return True
 
     if args.cases:
-        for case in args.cases.split(","):
-            model, sp, seq_len, *options = case.split(":")
-            study = "weak" if int(seq_len) == args.weak_per_gpu * int(sp) else "length"
-            run(model, int(sp), int(seq_len), study, *options)
+        for case in map(Case.parse, args.cases.split(",")):
+            run(case, "weak" if case.seq_len == args.weak_per_gpu * case.sp else "length")
         models = []
     else:
         models = args.models.split(",")
     for model in models:
         for sp in sorted({1, 2, W} if W >= 2 else {1}):
-            run(model, sp, args.weak_per_gpu * sp, "weak")
+            run(Case(model, sp, args.weak_per_gpu * sp), "weak")
         for seq_len in [int(x) for x in args.lengths.split(",")]:
-            if seq_len % W or not run(model, W, seq_len, "length"):
+            if seq_len % W or not run(Case(model, W, seq_len), "length"):
                 break
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
-    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
+    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'grad':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
           f"{'tok/s/gpu':>12}{'MFU':>8}{'mem GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{r['sp']:>4}"
+        grad = {"float32": "f32", "bfloat16": "bf16"}[r.get("grad_dtype", "float32")]
+        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{grad:<6}"
+              f"{r['sp']:>4}"
               f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{r['peak_memory_gb']:>9.2f}")

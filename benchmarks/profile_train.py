@@ -25,11 +25,10 @@ if "--quick" in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train as BT  # noqa: E402
-
-from lasp2_jax.models import ModelConfig  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("collective", r"all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|collective[-_]?permute"
@@ -102,10 +101,40 @@ def summarize(trace_path: str, steps: int):
     )
 
 
+_COLLECTIVE_OP = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter)(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each collective kind moves per execution of its computation, from compiled HLO
+    text, keyed "<op> <dtypes> <in loop body|at top level>". Ops inside a while body run once
+    per layer (scanned layers): the key says so instead of multiplying by the trip count."""
+    totals, in_entry = {}, False
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" "):  # a computation's header
+            in_entry = line.startswith("ENTRY")
+        m = _COLLECTIVE_OP.search(line)
+        if not m:
+            continue
+        shapes = _ARRAY.findall(m.group(1))
+        if m.group(2) == "all-gather" and m.group(1).startswith("(("):
+            shapes = shapes[len(shapes) // 2:]  # async start: (operands, results)
+        size = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                   * _DTYPE_BYTES.get(dt, 4) for dt, dims in shapes)
+        dtypes = "+".join(sorted({dt for dt, _ in shapes}))
+        key = f"{m.group(2)} {dtypes} {'at top level' if in_entry else 'in loop body'}"
+        totals[key] = totals.get(key, 0) + size
+    return totals
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
+                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="pure:4:65536",
-                    help="model:sp:tokens[:full|dots][:fsdp], as in bench_train --cases")
+                    help="model:sp:tokens[:option...], as in bench_train --cases")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -113,18 +142,12 @@ def main():
     base = dict(BT.TINY) if args.quick else dict(BT.LLAMA3_1B)
     if args.quick:
         args.case = "hybrid:4:1024"
-    model, sp, seq_len, *options = args.case.split(":")
-    sp, seq_len = int(sp), int(seq_len)
-    variant = dict(BT.VARIANTS[model])
-    if model == "hybrid":
-        variant["n_kv_heads"] = base["n_heads"] // 2
-    variant["mlp_chunks"] = max(1, seq_len // sp // 65536)
-    for option in options:
-        if option in ("full", "dots"):
-            variant["remat"] = option
-    mcfg = ModelConfig(**{**base, **variant})
-    _, state, step_fn, batch, _ = BT.build(mcfg, sp, seq_len, max(1, seq_len // 16384),
-                                           fsdp="fsdp" in options)
+    case = BT.Case.parse(args.case)
+    mcfg = case.model_config(base)
+    _, state, step_fn, batch, _ = BT.build(mcfg, case.sp, case.seq_len,
+                                           max(1, case.seq_len // 16384), case.fsdp,
+                                           case.grad_dtype)
+    collectives = collective_bytes(step_fn.lower(state, batch).compile().as_text())
     for _ in range(2):  # compile and warm up
         state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
@@ -139,14 +162,18 @@ def main():
     trace = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                           recursive=True), key=os.path.getmtime)
     summary = dict(case=args.case, card=jax.devices()[0].device_kind, jax=jax.__version__,
-                   step_wall_ms=wall * 1e3, **summarize(trace, args.steps))
+                   step_wall_ms=wall * 1e3, collective_bytes=collectives,
+                   **summarize(trace, args.steps))
     with open(os.path.join(args.out, tag + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{summary['card']} x{sp}, {args.case}: step {summary['step_wall_ms']:.1f} ms "
+    print(f"\n{summary['card']} x{case.sp}, {args.case}: step {summary['step_wall_ms']:.1f} ms "
           f"(wall, with the profiler)")
     for cat, ms in summary["ms_per_step"].items():
         print(f"  {cat:<18} {ms:10.2f} ms per device and step")
     print(f"  {'exposed collective':<18} {summary['exposed_collective_ms_per_step']:10.2f} ms")
+    print("collectives in the compiled step (MB per execution):")
+    for key, size in sorted(collectives.items()):
+        print(f"  {size / 1e6:10.1f}  {key}")
     print("top events (ms per device and step):")
     for name, ms in summary["top_events_ms_per_step"][:10]:
         print(f"  {ms:10.2f}  {name[:90]}")

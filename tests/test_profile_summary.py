@@ -49,3 +49,25 @@ def test_summary_counts_device_streams_by_category(tmp_path):
     assert s["ms_per_step"] == {"collective": 0.030, "linear_attention": 0.010,
                                 "matmul": 0.040, "other": 0.005}
     assert abs(s["exposed_collective_ms_per_step"] - 0.020) < 1e-12  # 40..60: no compute
+
+
+def test_collective_bytes_by_kind_and_place():
+    """Bytes of random collectives written as compiled HLO, summed by op, dtype and place."""
+    r = np.random.default_rng()
+    sizes = {"f32": 4, "bf16": 2}
+    lines, want = ["%body (p: s32[]) -> s32[] {"], {}
+    for place in ("in loop body", "at top level"):
+        if place == "at top level":
+            lines += ["}", "ENTRY %main (a: f32[2]) -> f32[2] {"]
+        for i in range(4):
+            op = ["all-reduce", "reduce-scatter", "all-gather"][r.integers(3)]
+            dt = ["f32", "bf16"][r.integers(2)]
+            dims = r.integers(1, 50, r.integers(1, 4))
+            shape = f"{dt}[{','.join(map(str, dims))}]{{0}}"
+            if op == "all-gather":  # async form: (operand, result)
+                shape = f"(({dt}[1]{{0}}), {shape})"
+            lines.append(f"  %c{i} = {shape} {op}-start(%x), channel_id={i}")
+            key = f"{op} {dt} {place}"
+            want[key] = want.get(key, 0) + int(np.prod(dims)) * sizes[dt]
+    lines.append("}")
+    assert PT.collective_bytes("\n".join(lines)) == want
