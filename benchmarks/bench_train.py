@@ -39,7 +39,7 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-CASE_OPTIONS = ("full", "dots", "fsdp", "bf16grad")
+CASE_OPTIONS = ("none", "full", "dots", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,8 @@ class Case:
     model: str  # a key of VARIANTS
     sp: int
     seq_len: int
-    remat: str | None = None  # "full" | "dots"; None: the base config's
+    remat: str | None = None  # "none" | "full" | "dots"; None: the base config's (full)
     fsdp: bool = False  # params, gradients and optimizer state sharded over the sp ranks
-    grad_dtype: str = "float32"  # bf16grad: weight gradients reduced in bf16
 
     @classmethod
     def parse(cls, text: str) -> Case:
@@ -59,9 +58,8 @@ class Case:
         if model not in VARIANTS or bad:
             raise SystemExit(f"case {text!r}: model must be one of {sorted(VARIANTS)} and "
                              f"options among {CASE_OPTIONS}")
-        remat = next((o for o in options if o in ("full", "dots")), None)
-        return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
-                   "bfloat16" if "bf16grad" in options else "float32")
+        remat = next((o for o in options if o in ("none", "full", "dots")), None)
+        return cls(model, int(sp), int(seq_len), remat, "fsdp" in options)
 
     def model_config(self, base: dict, mlp_chunks: int | None = None) -> ModelConfig:
         variant = dict(VARIANTS[self.model])
@@ -75,12 +73,11 @@ class Case:
         return ModelConfig(**{**base, **variant})
 
 
-def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool = False,
-          grad_dtype: str = "float32"):
+def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool = False):
     """(cfg, state, step_fn, batch, init seconds) for one sequence of ``seq_len`` random tokens
     on ``sp`` devices. fsdp: parameters, gradients and optimizer state sharded over sp."""
     cfg = T.TrainConfig(model=mcfg, mesh=T.MeshConfig(dp=1, sp=sp, tp=1, fsdp=fsdp), steps=10,
-                        ce_chunks=ce_chunks, progress=False, grad_dtype=grad_dtype)
+                        ce_chunks=ce_chunks, progress=False)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len,
                                                             batch_size=1))
     mesh = T.make_mesh(dp=1, sp=sp, tp=1, devices=jax.devices()[:sp])
@@ -103,9 +100,9 @@ def build(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, fsdp: bool =
 
 
 def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int,
-            fsdp: bool = False, grad_dtype: str = "float32"):
+            fsdp: bool = False):
     """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
-    cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp, grad_dtype)
+    cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)  # compile
     jax.block_until_ready(metrics)
@@ -138,16 +135,15 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:full|dots][:fsdp][:bf16grad],... run just these, in "
-                         "order (else the full sweep); remat policy full (default) or dots; "
-                         "fsdp shards params and optimizer state over the sp ranks; bf16grad "
-                         "reduces the weight gradients in bf16")
+                    help="model:sp:tokens[:none|full|dots][:fsdp],... run just these, in order "
+                         "(else the full sweep); remat policy (default full); fsdp shards "
+                         "params and optimizer state over the sp ranks")
     ap.add_argument("--mlp-chunks", type=int, default=None,
                     help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
-    ap.add_argument("--softmax-backend", default="xla", help="the hybrid's softmax layers")
+    ap.add_argument("--softmax-backend", default="auto", help="the hybrid's softmax layers")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -175,12 +171,12 @@ def main():
         mcfg = case.model_config(base, args.mlp_chunks)
         try:
             row = measure(mcfg, case.sp, case.seq_len, ce_chunks=max(1, case.seq_len // 16384),
-                          steps=args.steps, fsdp=case.fsdp, grad_dtype=case.grad_dtype)
+                          steps=args.steps, fsdp=case.fsdp)
         except Exception as e:  # out of memory: the previous length was the longest
             print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
         row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=case.fsdp, grad_dtype=case.grad_dtype,
+                   fsdp=case.fsdp,
                    xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
@@ -201,13 +197,11 @@ def main():
                 break
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
-    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'grad':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
+    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
           f"{'tok/s/gpu':>12}{'MFU':>8}{'mem GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        grad = {"float32": "f32", "bfloat16": "bf16"}[r.get("grad_dtype", "float32")]
-        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{grad:<6}"
-              f"{r['sp']:>4}"
+        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{r['sp']:>4}"
               f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{r['peak_memory_gb']:>9.2f}")

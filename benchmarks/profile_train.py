@@ -35,7 +35,7 @@ CATEGORIES = (  # first match wins
                    r"|nccl|ppermute|rendezvous"),
     ("linear_attention", r"lasp2_"),
     ("softmax_attention", r"lasp2h_flash"),
-    ("matmul", r"gemm|cublas|cutlass|matmul|\bdot\b|dot_general|sm90_xmma|wgmma"),
+    ("matmul", r"gemm|cublas|cutlass|nvjet|matmul|\bdot\b|dot_general|sm90_xmma|wgmma"),
 )
 _HOST_OVERHEAD = re.compile(r"^\$|PjitFunction|Execute|ThunkExecutor|profiler")
 
@@ -145,9 +145,9 @@ def main():
     case = BT.Case.parse(args.case)
     mcfg = case.model_config(base)
     _, state, step_fn, batch, _ = BT.build(mcfg, case.sp, case.seq_len,
-                                           max(1, case.seq_len // 16384), case.fsdp,
-                                           case.grad_dtype)
-    collectives = collective_bytes(step_fn.lower(state, batch).compile().as_text())
+                                           max(1, case.seq_len // 16384), case.fsdp)
+    hlo = step_fn.lower(state, batch).compile().as_text()
+    collectives = collective_bytes(hlo)
     for _ in range(2):  # compile and warm up
         state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
@@ -163,6 +163,8 @@ def main():
                           recursive=True), key=os.path.getmtime)
     summary = dict(case=args.case, card=jax.devices()[0].device_kind, jax=jax.__version__,
                    step_wall_ms=wall * 1e3, collective_bytes=collectives,
+                   collective_ops=[line.strip()[:300] for line in hlo.splitlines()
+                                   if _COLLECTIVE_OP.search(line)],
                    **summarize(trace, args.steps))
     with open(os.path.join(args.out, tag + ".json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lasp2_jax.decay import canonical_log_decay
-from lasp2_jax.kernels.backends import get_backend
+from lasp2_jax.kernels.backends import get_backend, resolve_backend_name
 from lasp2_jax.parallel.lasp1 import lasp1_causal
 from lasp2_jax.parallel.lasp2 import lasp2_bidirectional, lasp2_causal
 from lasp2_jax.parallel.lasp2h import lasp2h_softmax
@@ -204,13 +204,9 @@ def lasp1_linear_attention_local(q, k, v, *, log_decay=None, causal: bool = True
 _SOFTMAX_METHODS = {"lasp2h": lasp2h_softmax, "ring": ring_softmax}
 
 
-SOFTMAX_BACKENDS = ("xla", "pallas")
-
-
-def _softmax_local(method, q, k, v, segment_ids, *, causal, scale, axis_name, backend="xla"):
+def _softmax_local(method, q, k, v, segment_ids, *, causal, scale, axis_name, backend="auto"):
     _check_qkv(q, k, v)
-    if backend not in SOFTMAX_BACKENDS:
-        raise ValueError(f"softmax backend={backend!r}; expected one of {SOFTMAX_BACKENDS}")
+    backend = resolve_backend_name(backend)
     if segment_ids is not None and tuple(segment_ids.shape) != q.shape[:2]:
         raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected [B, T] = "
                          f"{q.shape[:2]}")
@@ -222,7 +218,7 @@ def _softmax_local(method, q, k, v, segment_ids, *, causal, scale, axis_name, ba
                                     scale=scale, **kw)
 
 
-def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids, backend="xla"):
+def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids, backend="auto"):
     local = functools.partial(_softmax_local, method, causal=causal, scale=scale,
                               backend=backend)
     if mesh is None:
@@ -236,7 +232,7 @@ def _softmax_global(method, q, k, v, *, causal, scale, mesh, segment_ids, backen
 
 
 def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
-                      mesh: Mesh | None = None, segment_ids=None, backend: str = "xla"):
+                      mesh: Mesh | None = None, segment_ids=None, backend: str = "auto"):
     """Softmax attention with LASP-2H sequence parallelism (all-gather of K and V over 'sp').
 
     Args:
@@ -246,8 +242,9 @@ def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = Non
       scale: default D ** -0.5.
       mesh: as in :func:`linear_attention`.
       segment_ids: [B, T] integer document ids: queries see keys of their own document only.
-      backend: "xla" (blockwise jnp with an online softmax) or "pallas" (flash-attention
-        kernels, :mod:`lasp2_jax.kernels.softmax_pallas`; opt-in, interpreted on CPU).
+      backend: "xla" (blockwise jnp with an online softmax), "pallas" (flash-attention
+        kernels, :mod:`lasp2_jax.kernels.softmax_pallas`; interpreted on CPU) or "auto"
+        (pallas on GPU, xla elsewhere).
     Returns:
       [B, T, H, Dv] in q's dtype.
     """
@@ -257,7 +254,7 @@ def softmax_attention(q, k, v, *, causal: bool = True, scale: float | None = Non
 
 def softmax_attention_local(q, k, v, *, causal: bool = True, scale: float | None = None,
                             axis_name: str | None = "sp", segment_ids=None,
-                            backend: str = "xla"):
+                            backend: str = "auto"):
     """:func:`softmax_attention` in local view, inside a ``shard_map`` over ``axis_name``."""
     return _softmax_local("lasp2h", q, k, v, segment_ids, causal=causal, scale=scale,
                           axis_name=axis_name, backend=backend)

@@ -18,7 +18,6 @@ from lasp2_jax.mesh import make_mesh
 from lasp2_jax.models import ModelConfig
 
 OBJECTIVES = ("causal_lm", "masked_lm")
-GRAD_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -88,10 +87,6 @@ class TrainConfig:
     mask_prob: float = 0.15  # masked LM: fraction of tokens replaced by the mask id
     mask_id: int | None = None  # masked LM: None -> ModelConfig.vocab_size - 1
     ce_chunks: int = 1  # cross-entropy in this many sequence chunks (long sequences)
-    # "bfloat16": the dense kernels' gradients are produced and summed over the dp / sp ranks
-    # in bf16 (half the bytes of the gradient all-reduce), then widened to f32 for the
-    # optimizer. Norms, decays and the input embedding (a scatter-add) keep f32 gradients.
-    grad_dtype: str = "float32"
     eval_every: int = 0  # steps between held-out evaluations (a multiple of log_every); 0: off
     eval_batches: int = 4  # held-out batches per evaluation (needs DataConfig.eval_fraction)
     peak_flops: float | None = None  # per device, for MFU; None: looked up by device kind
@@ -148,8 +143,6 @@ def validate(cfg: TrainConfig, mesh) -> None:
             bad("ModelConfig.causal = True", "masked_lm needs a bidirectional model")
         if not 0.0 < cfg.mask_prob < 1.0:
             bad(f"TrainConfig.mask_prob = {cfg.mask_prob}", "must be in (0, 1)")
-    if cfg.grad_dtype not in GRAD_DTYPES:
-        bad(f"TrainConfig.grad_dtype = {cfg.grad_dtype!r}", f"expected one of {GRAD_DTYPES}")
     for name in ("steps", "log_every", "ce_chunks"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             bad(f"TrainConfig.{name} = {getattr(cfg, name)!r}", "must be a positive integer")

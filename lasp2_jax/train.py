@@ -168,21 +168,6 @@ def make_loss_fn(cfg: TrainConfig, mesh):
     return loss_fn
 
 
-def cast_for_gradients(params, dtype: str):
-    """The params whose gradients are taken: every dense layer's kernel cast to ``dtype``;
-    norms, decays and the input embedding stay as they are. Under GSPMD each layer's weight
-    gradient is summed over the ranks that hold parts of the tokens right where it is
-    produced (inside the layer loop), in the dtype of the param it differentiates, so this
-    sets the bytes of that all-reduce."""
-    if dtype == "float32":
-        return params
-
-    def cast(path, x):
-        return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
 def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
     """Jitted (state, batch) -> (state, metrics); the state's buffers are donated."""
     loss_fn = make_loss_fn(cfg, mesh)
@@ -190,9 +175,7 @@ def make_train_step(cfg: TrainConfig, tx, schedule, mesh, shardings):
     def train_step(state, batch):
         if cfg.objective == "masked_lm":
             batch = apply_mask(batch, state["step"], cfg)
-        params = cast_for_gradients(state["params"], cfg.grad_dtype)
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(loss=loss, grad_norm=_global_norm(grads),

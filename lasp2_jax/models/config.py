@@ -47,7 +47,8 @@ class ModelConfig:
     scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
     chunk_size: int = 64  # linear-attention chunk length
     backend: str = "auto"  # linear-attention backend: "xla" | "pallas" | "auto"
-    softmax_backend: str = "xla"  # softmax layers: "xla" (blockwise) | "pallas" (flash kernels)
+    # softmax layers: "xla" (blockwise) | "pallas" (flash kernels) | "auto" (pallas on GPU)
+    softmax_backend: str = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -102,8 +103,8 @@ class ModelConfig:
             if bidi:
                 bad("causal", f"bidirectional models need decay-free mixers "
                               f"{BIDIRECTIONAL_MIXERS}; got {sorted(bidi)}")
-        if self.softmax_backend not in ("xla", "pallas"):
-            bad("softmax_backend", "expected xla or pallas")
+        if self.softmax_backend not in ("xla", "pallas", "auto"):
+            bad("softmax_backend", "expected xla, pallas or auto")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 bad(name, "expected float32, bfloat16 or float16")
