@@ -107,6 +107,33 @@ def init_state(cfg: TrainConfig, tx, shardings):
 # --------------------------------------------------------------------------- loss and step
 
 
+@jax.custom_vjp
+def logits_f32(h, w):
+    """h [..., D] and w [D, V] in the compute dtype -> float32 logits [..., V].
+
+    The backward rounds the logits' float32 cotangent to h's dtype first, so both of its
+    matmuls (dh, dw) take bf16 operands. Left to autodiff they would run on float32 operands
+    (TF32 at best): for Llama-3's 128K vocabulary about 60 of the 355 ms of a 1B training step
+    on an H100 at 16K tokens.
+    """
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, w):
+    return logits_f32(h, w), (h, w)
+
+
+def _logits_bwd(res, g):
+    h, w = res
+    g = g.astype(h.dtype)
+    dh = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...d,...v->dv", h, g, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+logits_f32.defvjp(_logits_fwd, _logits_bwd)
+
+
 def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
     """Sum of weighted token cross-entropies and of weights, never holding all logits.
 
@@ -117,8 +144,7 @@ def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
     """
 
     def chunk_loss(hc, tc, wc):
-        logits = jnp.einsum("btd,dv->btv", hc, w.astype(hc.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = logits_f32(hc, w.astype(hc.dtype))
         logits = constrain(logits, ("batch", "sequence", "act_vocab"), mesh)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]

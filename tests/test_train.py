@@ -161,6 +161,63 @@ def test_chunked_cross_entropy_matches_full_logits():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_logits_backward_rounds_cotangent_once():
+    """logits_f32's gradients equal autodiff of the float32 product when the logits'
+    cotangent is rounded to bf16 (the one rounding it adds), and stay within bf16 error of
+    the unrounded ones."""
+    rng = np.random.default_rng()
+    h = jnp.asarray(rng.normal(size=(3, 20, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(16, 48)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(3, 20, 48)), jnp.float32)
+
+    def plain(h, w):
+        return jnp.einsum("btd,dv->btv", h.astype(jnp.float32), w.astype(jnp.float32))
+
+    out, vjp = jax.vjp(T.logits_f32, h, w)
+    np.testing.assert_allclose(out, plain(h, w), rtol=1e-5, atol=1e-5)
+    _, vjp_plain = jax.vjp(plain, h, w)
+    got = vjp(g)
+    want_rounded = vjp_plain(g.astype(jnp.bfloat16).astype(jnp.float32))
+    want_exact = vjp_plain(g)
+    for a, b, c in zip(got, want_rounded, want_exact, strict=True):
+        a, b, c = (np.asarray(x, np.float32) for x in (a, b, c))
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)  # the bf16 output rounding
+        assert np.linalg.norm(a - c) / np.linalg.norm(c) < 1e-2
+
+
+@pytest.mark.parametrize("vocab", [40, 4000], ids=["all-reduce", "gather"])
+def test_embedding_gradient_over_sp_ranks(vocab):
+    """The embedding's gradient over 4 sp ranks equals the scatter-add of one device, by either
+    route: a small table is all-reduced; a table larger than the gathered cotangent is not
+    reduced at all (each rank scatters every token), as the compiled program shows."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lasp2_jax.models.layers import embedding_lookup
+
+    rng = np.random.default_rng()
+    B, T_, D = 2, 64, 8
+    mesh = T.make_mesh(dp=1, sp=4, tp=1, devices=jax.devices()[:4])
+    table = jnp.asarray(rng.normal(size=(vocab, D)), jnp.float32)
+    tokens = jax.device_put(rng.integers(0, vocab, (B, T_)).astype(np.int32),
+                            NamedSharding(mesh, P(None, "sp")))
+    cot = jnp.asarray(rng.normal(size=(B, T_, D)), jnp.float32)
+
+    def loss(table):
+        x = jax.lax.with_sharding_constraint(embedding_lookup(table, tokens, jnp.float32, mesh),
+                                             NamedSharding(mesh, P(None, "sp")))
+        return jnp.sum(x * cot)
+
+    grad = jax.jit(jax.grad(loss))
+    want = np.zeros((vocab, D))
+    np.add.at(want, np.asarray(tokens), np.asarray(cot))
+    np.testing.assert_allclose(grad(table), want, rtol=1e-5, atol=1e-5)
+    hlo = grad.lower(table).compile().as_text()
+    table_reduced = f"f32[{vocab},{D}]" in "".join(
+        line for line in hlo.splitlines() if "all-reduce(" in line)
+    assert table_reduced == (vocab == 40)
+
+
 def test_mfu_flops_count():
     mc = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, mlp_dim=128)
     params = jax.tree.map(lambda x: x.value, T.abstract_params(mc),

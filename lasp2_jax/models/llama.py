@@ -94,7 +94,7 @@ class LinearLlama3(nn.Module):
         c = self.cfg
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         self.embed = Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
-                           init_std=c.init_std)
+                           init_std=c.init_std, mesh=self.mesh)
         if c.scan_layers:
             # One copy of the block in the program (and of each kernel): compile time does not
             # grow with depth. Parameters are stacked along a leading 'layers' axis.
