@@ -143,6 +143,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll")
     ap.add_argument("--softmax-backend", default="auto", help="the hybrid's softmax layers")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -150,7 +151,7 @@ def main():
     base = dict(TINY) if args.quick else dict(LLAMA3_1B)
     if args.layers:
         base["n_layers"] = args.layers
-    base["softmax_backend"] = args.softmax_backend
+    base.update(softmax_backend=args.softmax_backend, scan_unroll=args.scan_unroll)
     if args.quick:
         args.lengths, args.weak_per_gpu = "256,1024", 128
     W = args.sp or jax.device_count()
@@ -176,7 +177,7 @@ def main():
             print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
         row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=case.fsdp,
+                   fsdp=case.fsdp, scan_unroll=mcfg.scan_unroll,
                    xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()

@@ -117,7 +117,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         if not m:
             continue
         shapes = _ARRAY.findall(m.group(1))
-        if m.group(2) == "all-gather" and m.group(1).startswith("(("):
+        if m.group(1).startswith("(("):
             shapes = shapes[len(shapes) // 2:]  # async start: (operands, results)
         size = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
                    * _DTYPE_BYTES.get(dt, 4) for dt, dims in shapes)

@@ -64,8 +64,8 @@ def test_collective_bytes_by_kind_and_place():
             dt = ["f32", "bf16"][r.integers(2)]
             dims = r.integers(1, 50, r.integers(1, 4))
             shape = f"{dt}[{','.join(map(str, dims))}]{{0}}"
-            if op == "all-gather":  # async form: (operand, result)
-                shape = f"(({dt}[1]{{0}}), {shape})"
+            if r.random() < 0.5:  # async form: ((operands), results)
+                shape = f"(({shape}), {shape})"
             lines.append(f"  %c{i} = {shape} {op}-start(%x), channel_id={i}")
             key = f"{op} {dt} {place}"
             want[key] = want.get(key, 0) + int(np.prod(dims)) * sizes[dt]
