@@ -27,6 +27,7 @@ if "--quick" in sys.argv:
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,13 +206,17 @@ def main():
     check_errs = check_against_one_device(mesh, args.backend, 8 * 1024 if not args.quick else 256,
                                           args.heads, args.dim, dtype)
     t_start = time.time()
-    rows, rng = [], np.random.default_rng(0)
+    rows = []
     lengths = [int(x) for x in args.lengths.split(",")]
 
     def inputs(T):
+        """q, k, v and the loss weights, drawn on the devices already split over 'sp' (host
+        random numbers for 1M tokens took minutes)."""
         shape = (1, T, args.heads, args.dim)
-        q, k, v, w = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
-        return q, k, v, w
+        draw = jax.jit(lambda key: tuple(jax.random.normal(kk, shape, dtype)
+                                         for kk in jax.random.split(key, 4)),
+                       out_shardings=NamedSharding(mesh, P(None, "sp")))
+        return draw(jax.random.key(T))
 
     overlap = None
     tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")

@@ -104,11 +104,13 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
     """Median step time of one AdamW step on ``sp`` devices; returns a result row."""
     cfg, state, step_fn, batch, t_init = build(mcfg, sp, seq_len, ce_chunks, fsdp)
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch)  # compile
-    jax.block_until_ready(metrics)
+    step_fn = step_fn.lower(state, batch).compile()
     t_compile = time.perf_counter() - t0
-    print(f"  init {t_init:.1f} s, first step (compile) {t_compile:.1f} s", flush=True)
-    state, metrics = step_fn(state, batch)  # warm up
+    program_gb = _program_bytes(step_fn) / 1e9
+    print(f"  init {t_init:.1f} s, compile {t_compile:.1f} s, program {program_gb:.1f} GB per "
+          "device", flush=True)
+    for _ in range(2):  # warm up
+        state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
@@ -124,8 +126,25 @@ def measure(mcfg: ModelConfig, sp: int, seq_len: int, ce_chunks: int, steps: int
     tps = seq_len / dt
     return dict(sp=sp, seq_len=seq_len, step_s=dt, tokens_per_s=tps, tokens_per_s_per_gpu=tps / sp,
                 mfu=fpt * tps / (peak * sp) if peak else None, peak_memory_gb=mem / 1e9,
-                memory_kind=kind, loss=float(metrics["loss"]), init_s=t_init,
-                first_step_s=t_compile)
+                memory_kind=kind, program_memory_gb=program_gb, loss=float(metrics["loss"]),
+                init_s=t_init, compile_s=t_compile)
+
+
+def _memory_gb(row) -> float:
+    """A row's memory per device: the compiled program's where recorded (older rows: the
+    device's peak counter)."""
+    return row.get("program_memory_gb") or row["peak_memory_gb"]
+
+
+def _program_bytes(compiled) -> int:
+    """Device memory the compiled step needs: its arguments, outputs not aliased to donated
+    arguments, and temporaries (XLA's own count). Unlike the device's peak counter, which
+    keeps the largest value since the process started, this belongs to one case alone."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
 
 
 def main():
@@ -143,7 +162,6 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
-    ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll")
     ap.add_argument("--softmax-backend", default="auto", help="the hybrid's softmax layers")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -151,7 +169,7 @@ def main():
     base = dict(TINY) if args.quick else dict(LLAMA3_1B)
     if args.layers:
         base["n_layers"] = args.layers
-    base.update(softmax_backend=args.softmax_backend, scan_unroll=args.scan_unroll)
+    base["softmax_backend"] = args.softmax_backend
     if args.quick:
         args.lengths, args.weak_per_gpu = "256,1024", 128
     W = args.sp or jax.device_count()
@@ -177,7 +195,7 @@ def main():
             print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
         row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=case.fsdp, scan_unroll=mcfg.scan_unroll,
+                   fsdp=case.fsdp,
                    xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
@@ -199,13 +217,13 @@ def main():
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
     print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
-          f"{'tok/s/gpu':>12}{'MFU':>8}{'mem GB':>9}")
+          f"{'tok/s/gpu':>12}{'MFU':>8}{'prog GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
         print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{r['sp']:>4}"
               f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
-              f"{r['peak_memory_gb']:>9.2f}")
+              f"{_memory_gb(r):>9.2f}")
 
 
 def _plot(rows, path, title):
@@ -217,14 +235,14 @@ def _plot(rows, path, title):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for model in sorted({r["model"] for r in rows}):
-        pts = sorted((r["seq_len"], r["tokens_per_s"], r["peak_memory_gb"]) for r in rows
+        pts = sorted((r["seq_len"], r["tokens_per_s"], _memory_gb(r)) for r in rows
                      if r["model"] == model and r["study"] == "length")
         if pts:
             x, tps, mem = zip(*pts)
             axes[0].plot(x, tps, marker="o", label=model)
             axes[1].plot(x, mem, marker="o", label=model)
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s", title=title)
-    axes[1].set(xscale="log", xlabel="sequence length", ylabel="peak memory per GPU (GB)")
+    axes[1].set(xscale="log", xlabel="sequence length", ylabel="memory per GPU (GB)")
     for ax in axes:
         ax.legend()
     fig.tight_layout()

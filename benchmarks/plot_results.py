@@ -14,11 +14,15 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train as BT  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,7 +61,7 @@ def plot_train(card):
     rows = [r for r in _rows(f"train_{card}_*.json") if not r.get("xla_flags")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for model in sorted({r["model"] for r in rows}):
-        pts = sorted((r["seq_len"], r["tokens_per_s_per_gpu"], r["peak_memory_gb"])
+        pts = sorted((r["seq_len"], r["tokens_per_s_per_gpu"], BT._memory_gb(r))
                      for r in rows if r["model"] == model and r["sp"] == 4
                      and r.get("remat", "full") == "full")
         if pts:
@@ -72,7 +76,7 @@ def plot_train(card):
             axes[2].plot(*zip(*pts), marker="o", label=f"{per_gpu // 1024}K tokens per GPU")
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU",
                 title=f"Linear-Llama3-1B, {card}")
-    axes[1].set(xscale="log", xlabel="sequence length", ylabel="peak memory per GPU (GB)")
+    axes[1].set(xscale="log", xlabel="sequence length", ylabel="memory per GPU (GB)")
     axes[2].set(xlabel="SP (GPUs)", ylabel="tokens/s per GPU", title="weak scaling, pure",
                 xticks=[1, 2, 4])
     for ax in axes:

@@ -45,9 +45,6 @@ class ModelConfig:
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
     mlp_chunks: int = 1  # MLP over this many token groups in turn (1/n of its activations)
     scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
-    # scan_layers: periods per scan step. 2 lets one layer's gradient all-reduce run under the
-    # next layer's backward (XLA does not overlap collectives across loop iterations).
-    scan_unroll: int = 1
     chunk_size: int = 64  # linear-attention chunk length
     backend: str = "auto"  # linear-attention backend: "xla" | "pallas" | "auto"
     # softmax layers: "xla" (blockwise) | "pallas" (flash kernels) | "auto" (pallas on GPU)
@@ -81,7 +78,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "chunk_size",
-                     "feature_dim", "gate_rank", "mlp_chunks", "scan_unroll"):
+                     "feature_dim", "gate_rank", "mlp_chunks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         if self.mixer not in MIXERS:

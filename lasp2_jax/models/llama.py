@@ -101,7 +101,6 @@ class LinearLlama3(nn.Module):
             self.layers = nn.scan(
                 BlockPeriod, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast, 0), length=c.n_layers // c.layer_period,
-                unroll=c.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(c, self.mesh)
         else:
             block = _block_class(c)
