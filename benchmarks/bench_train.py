@@ -1,11 +1,13 @@
 """Training-step benchmark of Linear-Llama3-1B (pure and 1/4 hybrid) under LASP-2.
 
-Like the paper's Table 6: tokens/s, tokens/s per GPU, MFU and peak memory per GPU for one
-sequence (batch 1) split over SP devices, from 16K tokens up to the longest that fits; and
-weak scaling (SP = 1, 2, 4 at a fixed length per GPU). Random tokens, one document per
-sequence; the full AdamW step (forward, backward, update) is timed.
+Like the paper's Table 6: tokens/s, tokens/s per GPU, MFU and memory per GPU (the compiled
+step's, from XLA's memory analysis) for one sequence (batch 1) split over SP devices, from 16K
+tokens up to the longest that fits; and weak scaling (SP = 1, 2, 4 at a fixed length per
+GPU). Random tokens, one document per sequence; the full AdamW step (forward, backward,
+update) is timed.
 
   python benchmarks/bench_train.py --sp 4 --models pure,hybrid
+  python benchmarks/bench_train.py --cases pure:1:16384:dots,pure:4:65536:dots
   python benchmarks/bench_train.py --quick              # CPU dry run, tiny model
 
 Writes benchmarks/results/train_<card>.json and .png, and prints a table last.
