@@ -1,0 +1,171 @@
+"""How precise can a bf16 kernel make the gradient of a learned scalar decay? (CPU study)
+
+The Pallas backward forms d log_decay as a reverse cumulative sum of q.dq - k.dk, a small
+difference of two large sums; keeping its bf16 error below 1e-2 costs a hi/lo split of the
+decayed operands (several matmuls done twice). This script emulates the kernels' arithmetic
+in numpy (every matmul operand rounded to bf16, float32 accumulation, chunks of C tokens with
+running states) for one head and compares, against a float64 oracle:
+
+  difference   the present formula, operands rounded to bf16 (what the split avoids)
+  split        the present formula, decayed operands and states kept in float32 (the split)
+  crossing     d log_decay_u as the sum over the pairs (s < u <= t) that cross u, which has no
+               cancellation: chunk-local corner sums of the [C, C] pair matrix, plus three
+               terms from the running states (pairs entering from earlier chunks, leaving to
+               later chunks, or passing over the chunk), with every operand rounded to bf16
+  via totals   the same, but the pairs passing over a chunk from a running sum of per-chunk
+               totals (a kernel holds either the forward or the reverse state, not both)
+
+  python benchmarks/dg_precision_study.py            # prints a table of relative errors
+
+The "crossing" form would replace the split in the kernels if its error stays below 1e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def bf16(x):
+    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.view(np.float32)
+
+
+def mm(a, b, round_operands=True):
+    """A matmul as the kernels do it: bf16 operands (or float32 ones), float32 result."""
+    if round_operands:
+        a, b = bf16(a), bf16(b)
+    return (np.asarray(a, np.float32) @ np.asarray(b, np.float32)).astype(np.float32)
+
+
+def oracle(q, k, v, do, a):
+    """Float64: dg_u = sum over s < u <= t of exp(b_t - b_s) (q_t.k_s) (do_t.v_s)."""
+    q, k, v, do, a = (np.asarray(x, np.float64) for x in (q, k, v, do, a))
+    b = np.cumsum(a)
+    T = len(a)
+    causal = np.tril(np.ones((T, T), bool))
+    w = np.where(causal, np.exp(np.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+    pairs = w * (q @ k.T) * (do @ v.T)  # [t, s]
+    # before[t, u] = sum over s < u of pairs[t, s]; dg_u = sum over t >= u of before[t, u].
+    before = np.concatenate([np.zeros((T, 1)), np.cumsum(pairs, axis=1)[:, :-1]], axis=1)
+    return np.sum(np.where(causal, before, 0.0), axis=0)
+
+
+def _chunk_tables(a, C):
+    """Per chunk: local inclusive cumsums b (from the chunk start) and the chunk's total."""
+    T = len(a)
+    b = np.cumsum(a.reshape(T // C, C), axis=1).astype(np.float32)
+    return b, b[:, -1]
+
+
+def _states(q, k, v, do, a, C, round_operands):
+    """Running states: h[c] = sum over s before chunk c of exp(b_start - b_s) k_s^T v_s and
+    dh[c] = sum over t after chunk c of exp(b_t - b_end) q_t^T do_t (float32, with the
+    kernels' rounding of the decayed operands)."""
+    n, D = len(a) // C, q.shape[1]
+    b, tot = _chunk_tables(a, C)
+    h, dh = np.zeros((n, D, D), np.float32), np.zeros((n, D, D), np.float32)
+    for c in range(1, n):
+        kc = k[(c - 1) * C:c * C] * np.exp(tot[c - 1] - b[c - 1])[:, None]
+        h[c] = np.exp(tot[c - 1]) * h[c - 1] + mm(kc.T, v[(c - 1) * C:c * C], round_operands)
+    for c in range(n - 2, -1, -1):
+        qc = q[(c + 1) * C:(c + 2) * C] * np.exp(b[c + 1])[:, None]
+        dh[c] = np.exp(tot[c + 1]) * dh[c + 1] + mm(qc.T, do[(c + 1) * C:(c + 2) * C],
+                                                    round_operands)
+    return h, dh
+
+
+def difference_form(q, k, v, do, a, C, split):
+    """dg = reverse cumsum of (q.dq - k.dk) without the diagonal pair, chunked like the
+    kernels; split: decayed operands and states unrounded (what the hi/lo split buys)."""
+    T = len(a)
+    n = T // C
+    b, tot = _chunk_tables(a, C)
+    h, dh = _states(q, k, v, do, a, C, not split)
+    mask = np.tril(np.ones((C, C), bool), -1)
+    contrib = np.zeros(T, np.float32)
+    for c in range(n):
+        sl = slice(c * C, (c + 1) * C)
+        qc, kc, vc, dc, bc = q[sl], k[sl], v[sl], do[sl], b[c]
+        decay = np.where(mask, np.exp(np.where(mask, bc[:, None] - bc[None, :], 0.0)), 0.0)
+        dp = mm(dc, vc.T) * decay  # [t, s], strictly causal
+        dq = mm(dp, kc) + mm(dc * np.exp(bc)[:, None], h[c].T, not split)
+        dk = mm(dp.T, qc) + mm(vc * np.exp(tot[c] - bc)[:, None], dh[c].T, not split)
+        contrib[sl] = np.sum(qc * dq, axis=1) - np.sum(kc * dk, axis=1)
+    # The initial (zero) state and final-state cotangent add nothing here.
+    return np.cumsum(contrib[::-1])[::-1]
+
+
+def crossing_form(q, k, v, do, a, C, passing_from_totals=False):
+    """dg_u as the sum over crossing pairs, every operand rounded to bf16.
+
+    passing_from_totals: the pairs passing over chunk c from the chunk totals instead of
+    <h_c, dh_c> (which needs the forward and the reverse state in one kernel): the pairs
+    crossing the start of chunk c are Z_c = sum over c' < c of (leaving_c' - entering_c'),
+    and those passing over it are Z_c - entering_c.
+    """
+    T = len(a)
+    n = T // C
+    b, tot = _chunk_tables(a, C)
+    h, dh = _states(q, k, v, do, a, C, True)
+    causal = np.tril(np.ones((C, C), bool))
+    strict_upper = np.triu(np.ones((C, C), np.float32), 1)  # [s, u] = (s < u)
+    dg = np.zeros(T, np.float32)
+    crossing_start = np.float32(0.0)  # Z_c
+    for c in range(n):
+        sl = slice(c * C, (c + 1) * C)
+        qc, kc, vc, dc, bc = q[sl], k[sl], v[sl], do[sl], b[c]
+        decay = np.where(causal, np.exp(np.where(causal, bc[:, None] - bc[None, :], 0.0)), 0.0)
+        pairs = mm(qc, kc.T) * mm(dc, vc.T) * decay  # [t, s]
+        before = mm(pairs, strict_upper)  # [t, u]: sum over s < u
+        corner = np.sum(np.where(causal, before, 0.0), axis=0)
+        # Pairs from earlier chunks into t >= u of this chunk: suffix sums of r_t.
+        r = np.sum(mm(qc * np.exp(bc)[:, None], h[c]) * dc, axis=1)
+        entering = np.cumsum(r[::-1])[::-1]
+        # Pairs from s < u of this chunk to later chunks: exclusive prefix sums of w_s.
+        w = np.sum(mm(kc * np.exp(tot[c] - bc)[:, None], dh[c]) * vc, axis=1)
+        leaving = np.concatenate([[0.0], np.cumsum(w)[:-1]])
+        # Pairs from earlier chunks to later chunks pass over every u of the chunk.
+        if passing_from_totals:
+            passing = crossing_start - entering[0]
+            crossing_start = crossing_start + np.sum(w) - np.sum(r)
+        else:
+            passing = np.exp(tot[c]) * np.sum(h[c] * dh[c])
+        dg[sl] = corner + entering + leaving + passing
+    return dg
+
+
+def rel_err(x, ref):
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--trials", type=int, default=3)
+    args = ap.parse_args()
+    T, D, C = args.tokens, args.dim, args.chunk
+    rng = np.random.default_rng()
+    print(f"T={T} D={D} C={C}, relative error of d log_decay against float64")
+    print(f"{'decays':<10}{'difference':>12}{'split':>12}{'crossing':>12}{'via totals':>12}")
+    for name, lo, hi in (("weak", 0.001, 0.1), ("gla", 0.01, 0.5), ("strong", 0.5, 4.0)):
+        errs = []
+        for _ in range(args.trials):
+            q, k, v, do = (bf16(rng.standard_normal((T, D)) * D ** -0.25) for _ in range(4))
+            a = -rng.uniform(lo, hi, T).astype(np.float32)
+            ref = oracle(q, k, v, do, a)
+            errs.append([rel_err(difference_form(q, k, v, do, a, C, False), ref),
+                         rel_err(difference_form(q, k, v, do, a, C, True), ref),
+                         rel_err(crossing_form(q, k, v, do, a, C), ref),
+                         rel_err(crossing_form(q, k, v, do, a, C, True), ref)])
+        e = np.max(errs, axis=0)
+        print(f"{name:<10}" + "".join(f"{x:>12.2e}" for x in e))
+
+
+if __name__ == "__main__":
+    main()
