@@ -197,8 +197,7 @@ def main():
             print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
         row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=case.fsdp,
-                   xla_flags=os.environ.get("XLA_FLAGS", ""))
+                   fsdp=case.fsdp, xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)

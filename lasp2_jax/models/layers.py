@@ -52,8 +52,8 @@ def embedding_lookup(table, tokens, dtype, mesh):
     The gradient is the table-sized scatter-add of the output's cotangent. Across ranks that
     hold different tokens (dp, sp), GSPMD would scatter locally and all-reduce the whole
     [V, D] table in f32; when the cotangent is smaller than the table (B*T*D*2 bytes against
-    V*D*4 at Llama-3's vocabulary: below 128K tokens) the backward instead all-gathers the
-    tokens and the cotangent and every rank scatters all of them itself: no reduction.
+    V*D*4: below 2V tokens, 256K at Llama-3's vocabulary) the backward instead all-gathers
+    the tokens and the cotangent and every rank scatters all of them itself: no reduction.
     """
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
