@@ -388,6 +388,8 @@ def main():
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
                    help="override pallas_forward.DG_SPLIT: comma list, or 'none'")
+    p.add_argument("--crossing-dg", action="store_true",
+                   help="the scalar decay's gradient summed over crossing pairs (no split)")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
@@ -396,8 +398,11 @@ def main():
     if args.dg_split is not None:
         split = [] if args.dg_split == "none" else args.dg_split.split(",")
         pallas_forward.DG_SPLIT = frozenset(split)
+    if args.crossing_dg:
+        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
-    log(f"DG_SPLIT = {out['dg_split']}")
+    out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
+    log(f"DG_SPLIT = {out['dg_split']}, CROSSING_DG_MODES = {out['crossing_dg_modes']}")
     log(f"device {dev.device_kind}  jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, f"{args.tag}.json")

@@ -204,7 +204,9 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
         chunk=plan.chunk, block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice,
         decay_grad=decay_grad)
     dg = None
-    if decay_grad:
+    if decay_grad and plan.mode in pallas_forward.CROSSING_DG_MODES:
+        dg = jnp.sum(dbq + dbk, axis=-1)[:, :T]  # the crossing form: nothing left to sum up
+    elif decay_grad:
         # dL/db_t = q_t dq_t - k_t dk_t, plus sum_e S_T dS_T at the last token; dg_t sums
         # dL/db over s >= t (see pallas_backward's docstring). The last token's k dk nearly
         # cancels the final-state term: adding that term first, at the last token, keeps the

@@ -15,6 +15,14 @@ dg_t = sum_{s>=t} dL/db_s; the kernels emit q*dq and k*dk, the caller sums them 
 diagonal pair (i = j) adds the same dP_tt W_tt (q_t . k_t) to both products and cancels in the
 difference: both kernels leave it out, which keeps that large pair out of the sums (with a
 strong decay it dominates each product; in float32 the dg error drops 3-4x).
+
+Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES): dg_u is the sum of the pair
+terms P_ts = exp(b_t - b_s) (q_t . k_s) (dO_t . v_s) over s < u <= t, with no cancellation.
+Per chunk: the pairs inside it (corner sums of P, from the dq kernel), those entering from
+earlier chunks into t >= u (suffix sums of q_t . dq_inter_t, dq kernel), those leaving from
+s < u to later chunks (prefix sums of k_s . dk_inter_s, dk kernel) and those passing over the
+chunk, exp(b_C) <S, dS'> with S the state entering it (stored by the dq kernel) and dS' the
+cotangent of the state leaving it (dk kernel). The caller only adds the two outputs.
 """
 
 from __future__ import annotations
@@ -131,12 +139,36 @@ def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, spl
     return mmx(wdp, x, ta=transpose), wdp
 
 
+def _strictly_before(c: int):
+    """[C, C] mask [s, u] = (s < u)."""
+    return (lax.broadcasted_iota(jnp.int32, (c, c), 0)
+            < lax.broadcasted_iota(jnp.int32, (c, c), 1))
+
+
+def _crossing_inside_and_entering(q, k, wdp, dq_inter, c: int):
+    """Crossing form, dq side, for each position u of the chunk ([C], partial over this
+    program's Dk block): the pairs s < u <= t inside the chunk plus those from earlier chunks
+    into t >= u. wdp: dP * W as it entered the dq product; dq_inter: the state's part of dq."""
+    pairs = _as_f32(wdp) * mm(q, k, tb=True)  # [t, s]
+    before = mm(pairs.astype(q.dtype), _strictly_before(c).astype(q.dtype))  # [t, u]: s < u
+    entering = jnp.sum(q.astype(_f32) * dq_inter, axis=1, keepdims=True)  # [t, 1]
+    return jnp.sum(jnp.where(causal_mask(c), before + entering, 0.0), axis=0)  # over t >= u
+
+
+def _crossing_leaving_and_passing(k, dk_inter, s_in, dh, fa, c: int):
+    """Crossing form, dk side ([C], partial over the Dk block): the pairs from s < u of the
+    chunk to later chunks, plus those passing over the chunk (the same for every u)."""
+    leaving = jnp.sum(k.astype(_f32) * dk_inter, axis=1, keepdims=True)  # [s, 1]
+    passing = fa * jnp.sum(s_in.astype(_f32) * dh)
+    return jnp.sum(jnp.where(_strictly_before(c), leaving, 0.0), axis=0) + passing
+
+
 # --------------------------------------------------------------------------------------------
 # dq: chunks in order, carrying the rows [block_k] of the state entering each chunk.
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_ref, a_ref,
-               dq_ref, db_ref, *, c: int,
+               dq_ref, db_ref, states_ref, *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
@@ -162,7 +194,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             intra, scores = _exact_intra(dp, k, bf_ref, cnt_ref, sl, cc, mode, fast, split,
                                          transpose=False)
             dq = intra + inter
-            if db_ref is not None:
+            if states_ref is not None:  # crossing form
+                states_ref[sl.start // cc] = state.astype(states_ref.dtype)
+                db_ref[sl] = _crossing_inside_and_entering(q, k, scores, inter, cc)
+            elif db_ref is not None:
                 _db_store(db_ref, sl, q, dq - _diag(scores) * k.astype(_f32), mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
@@ -180,7 +215,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
 
 
 def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref, a_ref,
-               dk_ref, db_ref, *, c: int,
+               states_ref, dk_ref, db_ref, *, c: int,
                n_chunks: int, mode: str, scale: float, split: frozenset):
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
@@ -205,7 +240,10 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
             intra, scores = _exact_intra(dp, q, bf_ref, cnt_ref, sl, cc, mode, fast, split,
                                          transpose=True)
             dk = intra + inter
-            if db_ref is not None:
+            if states_ref is not None:  # crossing form
+                db_ref[sl] = _crossing_leaving_and_passing(k, inter, states_ref[sl.start // cc],
+                                                           dh, fa, cc)
+            elif db_ref is not None:
                 _db_store(db_ref, sl, k, dk - _diag(scores) * q.astype(_f32), mode)
             q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
@@ -251,12 +289,26 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref,
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
+def _absent_refs(kernel, count: int, position: int | None = None):
+    """Pass ``count`` None refs at ``position`` (default: after all others) for operands or
+    outputs that the pallas_call leaves out."""
+    if count == 0:
+        return kernel
+
+    def wrapped(*refs):
+        at = len(refs) if position is None else position
+        return kernel(*refs[:at], *([None] * count), *refs[at:])
+
+    return wrapped
+
+
 def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale: float,
              chunk: int, block_sizes: BlockSizes, dim_slice: int, parts=("dq", "dk", "dv"),
              decay_grad: bool = True):
     """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
     ([B, T, H, NK] partial sums for a scalar decay, [B, T, H, Dk] per dimension; None without
-    decay or without decay_grad) and the initial-state cotangent [B, H, Dk, Dv].
+    decay or without decay_grad; in the crossing form the two sides' crossing sums, whose total
+    is the gradient) and the initial-state cotangent [B, H, Dk, Dv].
 
     fast [B, H, S]: the per-segment flags of pallas_forward.chunk_loop.
 
@@ -295,38 +347,44 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
     if emit_db:
         out_shapes.append(db_shape)
         out_specs.append(db_spec)
+    # Crossing form: the dq kernel stores the state entering each chunk for the dk kernel.
+    crossing = emit_db and mode in pallas_forward.CROSSING_DG_MODES
+    n_c = L // c
+    states_shape = jax.ShapeDtypeStruct((B, H, S, n_c, dk, dv), q.dtype)
+    states_spec = pl.BlockSpec((None, None, None, n_c, bk, dv),
+                               lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))
 
-    def outputs_kernel(kernel):
-        if emit_db:
-            return kernel
-
-        def wrapped(*refs):
-            return kernel(*refs, None)
-
-        return wrapped
-
-    common = dict(c=c, n_chunks=L // c, mode=mode, scale=scale)
-    split = pallas_forward.DG_SPLIT if emit_db else frozenset()
+    common = dict(c=c, n_chunks=n_c, mode=mode, scale=scale)
+    split = pallas_forward.dg_split(mode, emit_db)
     in_specs = [seq(bk, True), seq(bk, True), seq(dv, False), seq(dv, False), *dspecs,
                 *summary_specs(H, S, bk, dv, True)]
-    dq_kernel = outputs_kernel(with_decay_refs(
-        functools.partial(_dq_kernel, **common, split=split), 4, has_decay))
+    # Refs the calls below do not pass are None: the dq kernel's trailing (db, states) outputs,
+    # the dk kernel's states input (after q, k, v, dO, the decay refs and the summaries) and its
+    # trailing db output.
+    dq_kernel = _absent_refs(with_decay_refs(
+        functools.partial(_dq_kernel, **common, split=split), 4, has_decay),
+        2 - emit_db - crossing)
     dq = dk_ = dv_ = ds0 = None
     dbq = dbk = ()
-    if "dq" in parts:
+    states = None
+    if "dq" in parts or crossing:
         dq, *dbq = pl.pallas_call(
             dq_kernel, grid=(B * H, S, nk), in_specs=in_specs,
-            out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+            out_specs=out_specs + [states_spec] * crossing,
+            out_shape=out_shapes + [states_shape] * crossing, compiler_params=params,
             interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
         )(q, k, v, do, *dargs, s0, m, a)
-    dk_kernel = outputs_kernel(with_decay_refs(
-        functools.partial(_dk_kernel, **common, split=split), 4, has_decay))
+        if crossing:
+            *dbq, states = dbq
+    dk_kernel = _absent_refs(with_decay_refs(
+        _absent_refs(functools.partial(_dk_kernel, **common, split=split), 1 - crossing,
+                     position=10), 4, has_decay), 1 - emit_db)
     if "dk" in parts:
         dk_, *dbk = pl.pallas_call(
-            dk_kernel, grid=(B * H, S, nk), in_specs=in_specs,
+            dk_kernel, grid=(B * H, S, nk), in_specs=in_specs + [states_spec] * crossing,
             out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
             interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
-        )(q, k, v, do, *dargs, dst, dm, a)
+        )(q, k, v, do, *dargs, dst, dm, a, *([states] if crossing else []))
 
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
     dargs_v, dspecs_v = decay_operands(bf, cnt, L, H, dk, fast)

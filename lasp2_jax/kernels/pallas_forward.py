@@ -71,6 +71,20 @@ def mm(a, b, *, ta: bool = False, tb: bool = False):
 DG_SPLIT = frozenset({"state", "qk_decay"})
 
 
+# The forms whose log-decay gradient is instead summed over the pairs that cross each position
+# (pallas_backward): no cancellation, so no operand needs the split (bf16 error ~2e-3 in
+# benchmarks/dg_precision_study.py). Read when a kernel is traced. Empty, the default until it
+# is timed on a GPU: the difference form with DG_SPLIT. Only the scalar form has it.
+CROSSING_DG_MODES = frozenset()
+
+
+def dg_split(mode: str, decay_grad: bool) -> frozenset:
+    """The operands that enter a matmul in two bf16 parts for the log-decay gradient."""
+    if mode == NONE or not decay_grad or mode in CROSSING_DG_MODES:
+        return frozenset()
+    return DG_SPLIT
+
+
 def lowp(x, dtype, name: str, split: frozenset = frozenset()):
     """x (float32) as a matmul operand of `dtype`: rounded, or split into (hi, lo)."""
     if name not in split or jnp.dtype(dtype) == jnp.dtype(_f32):
@@ -343,7 +357,7 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
     in_specs += dspecs
     kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
                                reverse=reverse, side=side, scale=scale,
-                               split=DG_SPLIT if mode != NONE and decay_grad else frozenset())
+                               split=dg_split(mode, decay_grad))
     kernel = with_decay_refs(kernel, 2, bf is not None, flags=False)
     return pl.pallas_call(
         kernel,
@@ -433,7 +447,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_re
     """
     # The final state feeds the log-decay gradient: with one segment it comes from this
     # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
-    split = DG_SPLIT if (mode != NONE and n_seg == 1 and decay_grad) else frozenset()
+    split = dg_split(mode, decay_grad) if n_seg == 1 else frozenset()
 
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
