@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
 import lasp2_jax  # noqa: E402
 from lasp2_jax.kernels import get_backend  # noqa: E402
 from lasp2_jax.parallel import lasp1_linear_attention, ring_softmax_attention  # noqa: E402
@@ -133,8 +134,8 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
     t_gather = timed(f_gather, packed)
     hidden = (t_local + t_gather - t_lasp2) / t_gather if W > 1 else 0.0
     hlo = f_lasp2.lower(q, k, v).compile().as_text()
-    with open(hlo_path, "w") as f:
-        f.write(hlo)
+    with open(hlo_path, "w") as f:  # source paths relative to the repository
+        f.write(hlo.replace(_REPO + os.sep, ""))
     between = []
     lines = hlo.splitlines()
     start = [i for i, line in enumerate(lines) if re.search(r"all-gather-start\(", line)]
