@@ -101,6 +101,24 @@ def test_pallas_flash_kernels_match_dense_oracle(dp, sp, tp, causal, with_segmen
            tp=tp, local_len=20, D=12, Dv=10, causal=causal, with_segments=with_segments)
 
 
+def _offset_oracle(offset, q_seg, k_seg, scale):
+    """Dense softmax of queries at global positions offset + (0 .. L-1) against keys at
+    0 .. S-1 (causal, same document), GQA by repeating kv heads; a query that sees no key
+    gives zeros. Returns fn(q [B, L, H, D], k, v [B, S, Hkv, D]) -> [B, L, H, Dv]."""
+    def oracle(q, k, v):
+        L, S, H, Hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+        pos_q = offset + np.arange(L)
+        keep = ((np.arange(S)[None, None, :] <= pos_q[None, :, None])
+                & (q_seg[:, :, None] == k_seg[:, None, :]))[:, None]  # [B, 1, L, S]
+        kk, vv = (jax.numpy.repeat(x, H // Hkv, axis=2) for x in (k, v))
+        logits = scale * jax.numpy.einsum("blhd,bshd->bhls", q, kk)
+        p = jax.nn.softmax(jax.numpy.where(keep, logits, -jax.numpy.inf), axis=-1)
+        p = jax.numpy.where(keep.any(-1, keepdims=True), p, 0.0)
+        return jax.numpy.einsum("bhls,bshd->blhd", p, vv)
+
+    return oracle
+
+
 def test_flash_kernel_small_blocks_and_late_offset():
     """Several query and key blocks, a query offset past the first key blocks (the causal
     loop bounds), and a query that sees no key of its document (zeros, finite gradients)."""
@@ -119,17 +137,8 @@ def test_flash_kernel_small_blocks_and_late_offset():
         return flash_attention(q, k, v, q_offset=offset, causal=True, scale=0.25,
                                q_seg=q_seg, k_seg=k_seg, block_q=16, block_k=16)
 
-    def oracle(q, k, v):
-        pos_q = offset + np.arange(L)
-        logits = 0.25 * jax.numpy.einsum("blhd,bshd->bhls", q, k)
-        keep = (np.arange(S)[None, :] <= pos_q[:, None]) & (q_seg[0][:, None] == k_seg[0][None])
-        logits = jax.numpy.where(keep[None, None], logits, -jax.numpy.inf)
-        p = jax.nn.softmax(logits, axis=-1)
-        p = jax.numpy.where(keep[None, None].any(-1, keepdims=True), p, 0.0)
-        return jax.numpy.einsum("bhls,bshd->blhd", p, v)
-
     o, grads = value_and_grads(ours, [q, k, v], cot)
-    o_ref, grads_ref = in_float64(oracle, [q, k, v], cot)
+    o_ref, grads_ref = in_float64(_offset_oracle(offset, q_seg, k_seg, 0.25), [q, k, v], cot)
     assert np.all(np.asarray(o)[:, 5] == 0)
     assert rel_err(o, o_ref) < TOL
     for got, want in zip(grads, grads_ref):
@@ -171,15 +180,8 @@ def test_gpu_flash_kernels_match_oracle(dtype):
     args = [jax.numpy.asarray(x, dt) for x in (q, k, v, cot[0])]
     got, again = run(*args), run(*args)
 
-    def oracle(q, k, v):
-        pos_q = offset + np.arange(L)
-        keep = (np.arange(S)[None, :] <= pos_q[:, None]) & (q_seg[0][:, None] == k_seg[0][None])
-        kk, vv = (jax.numpy.repeat(x, H // Hkv, axis=2) for x in (k, v))
-        logits = D ** -0.5 * jax.numpy.einsum("blhd,bshd->bhls", q, kk)
-        p = jax.nn.softmax(jax.numpy.where(keep[None, None], logits, -jax.numpy.inf), axis=-1)
-        return jax.numpy.einsum("bhls,bshd->blhd", p, vv)
-
-    o_ref, grads_ref = in_float64(oracle, [q, k, v], cot)
+    o_ref, grads_ref = in_float64(_offset_oracle(offset, q_seg, k_seg, D ** -0.5), [q, k, v],
+                                  cot)
     tol = 1e-2 if dtype == "bfloat16" else 2e-3
     for a, a2, b in zip(got, again, [o_ref, *grads_ref], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))

@@ -12,7 +12,8 @@ ds = p * (dO v^T - delta); dq = scale * ds k (programs over query blocks), and
 dk = scale * ds^T q, dv = p^T dO (programs over key blocks, per query head; the G query heads of
 a kv head are summed afterwards).
 
-Opt-in (``softmax_attention(..., backend="pallas")``); CPU runs it in interpret mode.
+``softmax_attention`` uses these kernels on GPU (``backend="auto"`` or ``"pallas"``); on CPU
+``backend="pallas"`` runs them in interpret mode.
 """
 
 from __future__ import annotations
