@@ -181,8 +181,11 @@ def canonical(g, B, T, H):
     return jnp.broadcast_to(jnp.asarray(g), (B, T, H))
 
 
-def bench_jax(impl, q, k, v, g, do, scale, config=None):
-    B, T, H, _ = q.shape
+def jax_calls(impl, shape, scale, config=None):
+    """Jitted (forward, forward+backward) of the pallas or xla backend for q of ``shape``
+    [B, T, H, D]: fwd(q, k, v, g) -> o and fwd_bwd(q, k, v, g, do) -> gradients, where g is
+    None, [H] (Lightning), [B, T, H] or [B, T, H, Dk]."""
+    B, T, H, _ = shape
     if impl == "pallas":
         cfg = config or pallas.DEFAULT_CONFIG
 
@@ -193,8 +196,6 @@ def bench_jax(impl, q, k, v, g, do, scale, config=None):
         def attn(q_, k_, v_, g_):
             return xla.chunk_linear_attention(q_, k_, v_, canonical(g_, B, T, H), scale=scale)[0]
 
-    fwd = jax.jit(attn)
-
     @jax.jit
     def fwd_bwd(q_, k_, v_, g_, do_):
         if g_ is not None and g_.ndim == 1:
@@ -204,6 +205,11 @@ def bench_jax(impl, q, k, v, g, do, scale, config=None):
             o, vjp = jax.vjp(attn, q_, k_, v_, g_)
         return vjp(do_)
 
+    return jax.jit(attn), fwd_bwd
+
+
+def bench_jax(impl, q, k, v, g, do, scale, config=None):
+    fwd, fwd_bwd = jax_calls(impl, q.shape, scale, config)
     t_f = time_calls(lambda: fwd(q, k, v, g), jax_sync)
     t_fb = time_calls(lambda: fwd_bwd(q, k, v, g, do), jax_sync)
     return t_f, t_fb
@@ -342,6 +348,9 @@ def _variants():
         "bv128": C(fb(block_v=128, num_warps=8), bb(block_k=128, block_v=128, num_warps=8)),
         "st3": C(fb(num_stages=3), bb(num_stages=3)),
         "st1": C(fb(num_stages=1), bb(num_stages=1)),
+        "bw8": C(fb(), bb(num_warps=8)),
+        "bk32": C(fb(), bb(block_k=32)),
+        "bst3": C(fb(), bb(num_stages=3)),
     }
 
 
@@ -388,8 +397,9 @@ def main():
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
                    help="override pallas_forward.DG_SPLIT: comma list, or 'none'")
-    p.add_argument("--crossing-dg", action="store_true",
-                   help="the scalar decay's gradient summed over crossing pairs (no split)")
+    p.add_argument("--difference-dg", action="store_true",
+                   help="the scalar decay's gradient as q dq - k dk with split operands "
+                        "(default: summed over crossing pairs, no split)")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
@@ -398,8 +408,8 @@ def main():
     if args.dg_split is not None:
         split = [] if args.dg_split == "none" else args.dg_split.split(",")
         pallas_forward.DG_SPLIT = frozenset(split)
-    if args.crossing_dg:
-        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
+    if args.difference_dg:
+        pallas_forward.CROSSING_DG_MODES = frozenset()
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
     out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
     log(f"DG_SPLIT = {out['dg_split']}, CROSSING_DG_MODES = {out['crossing_dg_modes']}")

@@ -1,16 +1,24 @@
-"""Time each stage of the pallas backend separately (B=1, T=16384, H=16, D=128, bf16).
+"""Where the pallas backend's time goes, kernel by kernel: a profiler trace of a few calls of
+the forward and of the forward+backward for each decay form, at one shape (bf16, H=16, D=128).
 
-    python benchmarks/profile_kernels.py [--modes none,scalar,per_dim]
+    python benchmarks/profile_kernels.py [--forms basic,lightning,simple_gla] [--shape 1x16384]
+    python benchmarks/profile_kernels.py --quick     # CPU dry run in interpret mode, tiny shape
 
-Stages: the decay tables (jnp), the forward summary, the output kernel, the backward summary,
-the dq / dk / dv kernels, and the whole forward / forward+backward for comparison.
+Every device event of the traced calls is listed with its time per call: the Pallas kernels
+(named lasp2_*) and the XLA fusions around them (the decay tables, padding, the reverse cumsum
+of the decay gradient). The difference between a decay form and the basic form is what the
+decay costs, kernel by kernel. Writes <out>/<tag>.json and prints the table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -19,68 +27,81 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.bench_kernels import jax_sync, time_calls  # noqa: E402
-from lasp2_jax.kernels import pallas, pallas_backward, pallas_forward  # noqa: E402
+from benchmarks import bench_kernels as BK  # noqa: E402
+from benchmarks.profile_train import summarize  # noqa: E402
+from lasp2_jax.kernels import pallas_forward  # noqa: E402
 
 
-def profile(mode, B=1, T=16384, H=16, D=128, config=pallas.DEFAULT_CONFIG):
+def traced_events(fn, calls: int):
+    """[(event name, ms per call)] of the device events of `calls` calls of fn(), and the
+    total. fn is warmed up (compiled) first; the trace is written to a temporary folder."""
+    jax.block_until_ready(fn())
+    folder = tempfile.mkdtemp(prefix="profile_kernels_")
+    try:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            r = None
+            for _ in range(calls):
+                r = fn()
+            jax.block_until_ready(r)
+        path = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        s = summarize(path, calls, top=50)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return s["top_events_ms_per_step"], sum(s["ms_per_step"].values())
+
+
+def profile_form(form: str, B: int, T: int, H: int, D: int, calls: int, hlo_dir=None):
     rng = np.random.default_rng()
-    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16) for _ in range(4))
-    g = None
-    if mode == "scalar":
-        g = jnp.asarray(np.log(rng.uniform(0.9, 1, (B, T, H))), jnp.float32)
-    elif mode == "per_dim":
-        g = jnp.asarray(np.log(rng.uniform(0.9, 1, (B, T, H, D))), jnp.float32)
-    pmode = pallas._mode(g)
-    plan = pallas._plan(B, T, H, D, D, pmode, 64, config)
-    s0 = jnp.zeros((B, H, D, D), jnp.float32)
-    scale = D ** -0.5
-    res = {}
-    prep = jax.jit(lambda q, k, v, g, s0: pallas._prepare(q, k, v, g, s0, plan))
-    res["prep"] = time_calls(lambda: prep(q, k, v, g, s0), jax_sync)
-    q_, k_, v_, bf, cnt, a, s0_ = prep(q, k, v, g, s0)
-    S = plan.segments
-    summ = jax.jit(lambda x, y, bf, cnt: pallas_forward.segment_summary(
-        x, y, bf, cnt, mode=pmode, num_segments=S, heads=H, block_sizes=plan.fwd,
-        reverse=False, side="k", scale=1.0))
-    res["summary"] = time_calls(lambda: summ(k_, v_, bf, cnt), jax_sync)
-    m = summ(k_, v_, bf, cnt)
-    outs = jax.jit(lambda q, k, v, bf, cnt, s0, m, a: pallas_forward.forward_outputs(
-        q, k, v, bf, cnt, s0, m, a, mode=pmode, scale=scale, block_sizes=plan.fwd,
-        out_dtype=q.dtype))
-    res["outputs"] = time_calls(lambda: outs(q_, k_, v_, bf, cnt, s0_, m, a), jax_sync)
-    bsumm = jax.jit(lambda x, y, bf, cnt: pallas_forward.segment_summary(
-        x, y, bf, cnt, mode=pmode, num_segments=S, heads=H, block_sizes=plan.fwd,
-        reverse=True, side="q", scale=scale))
-    res["bwd_summary"] = time_calls(lambda: bsumm(q_, do, bf, cnt), jax_sync)
-    dm = bsumm(q_, do, bf, cnt)
-    for part in ("dq", "dk", "dv"):
-        f = jax.jit(lambda q, k, v, do, bf, cnt, s0, m, dm, a, part=part: pallas_backward.backward(
-            q, k, v, do, bf, cnt, s0, m, s0, dm, a, mode=pmode, scale=scale, chunk=plan.chunk,
-            block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice, parts=(part,)))
-        res[part] = time_calls(lambda f=f: f(q_, k_, v_, do, bf, cnt, s0_, m, dm, a), jax_sync)
-
-    def attn(q, k, v, g):
-        return pallas.chunk_linear_attention(q, k, v, g, scale=scale, config=config)[0]
-
-    fwd = jax.jit(attn)
-    fb = jax.jit(lambda q, k, v, g, do: jax.vjp(attn, q, k, v, g)[1](do))
-    res["fwd_total"] = time_calls(lambda: fwd(q, k, v, g), jax_sync)
-    res["fwd_bwd_total"] = time_calls(lambda: fb(q, k, v, g, do), jax_sync)
-    parts = sum(res[p] for p in ("prep", "summary", "outputs", "bwd_summary", "dq", "dk", "dv"))
-    res["glue"] = res["fwd_bwd_total"] - parts
-    return plan, res
+    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
+                   for _ in range(4))
+    gn = BK.make_decay(rng, form, B, T, H, D)
+    g = None if gn is None else jnp.asarray(gn)
+    fwd, fwd_bwd = BK.jax_calls("pallas", q.shape, D ** -0.5)
+    if hlo_dir:  # the compiled forward, to see what the XLA fusions around the kernels do
+        with open(os.path.join(hlo_dir, f"hlo_{form}_fwd.txt"), "w") as f:
+            f.write(fwd.lower(q, k, v, g).compile().as_text())
+    out = {}
+    for name, fn in (("fwd", lambda: fwd(q, k, v, g)),
+                     ("fwd_bwd", lambda: fwd_bwd(q, k, v, g, do))):
+        events, total = traced_events(fn, calls)
+        out[name] = dict(total_ms=total, events=events)
+        BK.log(f"{form:10s} {name:8s} device total {total:.3f} ms per call")
+    return out
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="none,scalar,per_dim")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--forms", default="basic,lightning,simple_gla")
+    p.add_argument("--shape", default="1x16384", help="BxT")
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--difference-dg", action="store_true",
+                   help="the scalar decay's gradient as q dq - k dk with split operands")
+    p.add_argument("--hlo", action="store_true", help="also write the compiled forward's HLO")
+    p.add_argument("--quick", action="store_true", help="tiny shape (CPU dry run)")
+    p.add_argument("--tag", default="profile_kernels")
+    p.add_argument("--out", default=BK.RESULTS)
     args = p.parse_args()
-    print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}", flush=True)
-    for mode in args.modes.split(","):
-        plan, res = profile(mode)
-        print(f"{mode:8s} C={plan.chunk} S={plan.segments} " +
-              "  ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+    if args.difference_dg:
+        pallas_forward.CROSSING_DG_MODES = frozenset()
+    B, T = (int(x) for x in args.shape.split("x"))
+    H, D = (2, 32) if args.quick else (16, 128)
+    T, calls = (256, 2) if args.quick else (T, args.calls)
+    dev = jax.devices()[0]
+    os.makedirs(args.out, exist_ok=True)
+    result = dict(device=dev.device_kind, jax=jax.__version__, B=B, T=T, H=H, D=D,
+                  crossing_dg_modes=sorted(pallas_forward.CROSSING_DG_MODES), forms={})
+    for form in args.forms.split(","):
+        result["forms"][form] = profile_form(form, B, T, H, D, calls,
+                                             args.out if args.hlo else None)
+    with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{dev.device_kind}, jax {jax.__version__}, B={B} T={T} H={H} D={D} bf16: "
+          "device ms per call")
+    for form, passes in result["forms"].items():
+        for name, r in passes.items():
+            print(f"{form} {name}: total {r['total_ms']:.3f}")
+            for event, ms in r["events"]:
+                print(f"    {ms:8.4f}  {event[:90]}")
 
 
 if __name__ == "__main__":

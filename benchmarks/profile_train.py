@@ -62,8 +62,9 @@ def _exposed(comm, compute):
     return both - _union_length(compute)
 
 
-def summarize(trace_path: str, steps: int):
-    """Per-step device milliseconds by category, exposed collective time and top events."""
+def summarize(trace_path: str, steps: int, top: int = 20):
+    """Per-step device milliseconds by category, exposed collective time and the `top`
+    events by time."""
     with gzip.open(trace_path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -76,7 +77,7 @@ def summarize(trace_path: str, steps: int):
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"
                and e.get("pid") in pids and "stream" in e["args"]["name"].lower()}
-    by_cat, top, per_device = {}, {}, {}
+    by_cat, by_name, per_device = {}, {}, {}
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in pids or _HOST_OVERHEAD.search(e["name"]):
             continue
@@ -85,7 +86,7 @@ def summarize(trace_path: str, steps: int):
         cat = category(e["name"])
         dur = e.get("dur", 0.0)
         by_cat[cat] = by_cat.get(cat, 0.0) + dur
-        top[e["name"]] = top.get(e["name"], 0.0) + dur
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + dur
         span = (e["ts"], e["ts"] + dur)
         dev = per_device.setdefault(e["pid"], {"comm": [], "compute": []})
         dev["comm" if cat == "collective" else "compute"].append(span)
@@ -97,7 +98,7 @@ def summarize(trace_path: str, steps: int):
         ms_per_step=({c: t * scale for c, t in sorted(by_cat.items())}),
         exposed_collective_ms_per_step=exposed * scale,
         top_events_ms_per_step=[(n, t * scale) for n, t in
-                                sorted(top.items(), key=lambda x: -x[1])[:20]],
+                                sorted(by_name.items(), key=lambda x: -x[1])[:top]],
     )
 
 

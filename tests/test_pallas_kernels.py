@@ -79,10 +79,11 @@ def test_chunk_attention_matches_recurrence(case):
 
 
 @pytest.fixture
-def crossing_dg(monkeypatch):
-    """The crossing form of the scalar decay gradient switched on (traced anew: the jit caches
-    are cleared before and after)."""
-    monkeypatch.setattr(pallas_forward, "CROSSING_DG_MODES", frozenset({pallas_forward.SCALAR}))
+def difference_dg(monkeypatch):
+    """The difference form of the scalar decay gradient (q dq - k dk, reverse cumsum, hi/lo
+    split operands) instead of the default crossing form (traced anew: the jit caches are
+    cleared before and after)."""
+    monkeypatch.setattr(pallas_forward, "CROSSING_DG_MODES", frozenset())
     jax.clear_caches()
     yield
     jax.clear_caches()
@@ -92,9 +93,10 @@ SCALAR_CASES = [c for c in CASES if c[2] in ("scalar", "strong")]
 
 
 @pytest.mark.parametrize("case", SCALAR_CASES, ids=[c[0] for c in SCALAR_CASES])
-def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
-    """The learned scalar decay's gradient summed over crossing pairs (no hi/lo split), with
-    resets, strong decays and several segments: every output and gradient still matches."""
+def test_difference_decay_gradient_matches_recurrence(case, difference_dg):
+    """The learned scalar decay's gradient as a difference of q dq and k dk sums (the form the
+    per-dimension decay uses), with resets, strong decays and several segments: every output
+    and gradient still matches."""
     _check_case(case)
 
 

@@ -93,7 +93,7 @@ def _decay_block_operands(bf, cnt, fast, L: int, H: int, bk: int):
 def _weighted_dp(dp, bf_ref, cnt_ref, sl, mode: str, c: int, factorised: bool):
     """dP * W for the scalar and no-decay forms ([C, C])."""
     if mode == SCALAR:
-        return dp * pair_weights(bf_ref[sl], cnt_ref[sl], c, factorised)
+        return dp * pair_weights(bf_ref, cnt_ref, sl, c, factorised)
     return jnp.where(causal_mask(c), dp, 0.0)
 
 
@@ -187,7 +187,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             if db_ref is not None:
                 _db_store(db_ref, sl, q, dq - e * _diag(dpl) * _as_f32(ks), mode)
         else:
-            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
             fq, fk, fa = (None, None, 1.0) if f is None else f
             if fq is not None:
                 inter = inter * fq
@@ -233,7 +233,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
                 _db_store(db_ref, sl, k, dk - einv * _diag(dpl) * _as_f32(qs), mode)
             q_dh = qs  # q exp(b), as the dS update below needs it
         else:
-            f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+            f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
             fq, fk, fa = (None, None, 1.0) if f is None else f
             if fk is not None:
                 inter = inter * fk
@@ -306,7 +306,7 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
              chunk: int, block_sizes: BlockSizes, dim_slice: int, parts=("dq", "dk", "dv"),
              decay_grad: bool = True):
     """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
-    ([B, T, H, NK] partial sums for a scalar decay, [B, T, H, Dk] per dimension; None without
+    ([B, H, NK, T] partial sums for a scalar decay, [B, T, H, Dk] per dimension; None without
     decay or without decay_grad; in the crossing form the two sides' crossing sums, whose total
     is the gradient) and the initial-state cotangent [B, H, Dk, Dv].
 
@@ -337,8 +337,8 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
     dargs, dspecs = _decay_block_operands(bf, cnt, fast, L, H, bk)
     emit_db = has_decay and decay_grad
     if mode == SCALAR:
-        db_shape = jax.ShapeDtypeStruct((B, T, H, nk), _f32)
-        db_spec = pl.BlockSpec((None, L, None, None), lambda bh, s, j: (bh // H, s, bh % H, j))
+        db_shape = jax.ShapeDtypeStruct((B, H, nk, T), _f32)  # head-major, as the decays
+        db_spec = pl.BlockSpec((None, None, None, L), lambda bh, s, j: (bh // H, bh % H, j, s))
     else:
         db_shape = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
         db_spec = seq(bk, True)

@@ -73,9 +73,10 @@ DG_SPLIT = frozenset({"state", "qk_decay"})
 
 # The forms whose log-decay gradient is instead summed over the pairs that cross each position
 # (pallas_backward): no cancellation, so no operand needs the split (bf16 error ~2e-3 in
-# benchmarks/dg_precision_study.py). Read when a kernel is traced. Empty, the default until it
-# is timed on a GPU: the difference form with DG_SPLIT. Only the scalar form has it.
-CROSSING_DG_MODES = frozenset()
+# benchmarks/dg_precision_study.py, 2.4e-3 on an H100). Read when a kernel is traced. Only the
+# scalar form has it; on an H100 it took the learned scalar decay's forward+backward from 1.19
+# to 0.98 ms (B=1 T=16K H=16 D=128, benchmarks/NOTES_kernels.md).
+CROSSING_DG_MODES = frozenset({SCALAR})
 
 
 def dg_split(mode: str, decay_grad: bool) -> frozenset:
@@ -110,11 +111,12 @@ def causal_mask(c: int):
 
 
 def chunk_factors(bf, cnt, bf0=0.0, cnt0=0.0):
-    """The q-side, k-side and whole-chunk decay factors of one chunk (table in the docstring).
+    """Per-dimension decay: the q-side, k-side and whole-chunk decay factors of one chunk
+    (table in the docstring; the scalar form's are :func:`scalar_factors`).
 
-    bf, cnt: [C] or [C, Dk]; (bf0, cnt0): the table's value just before the span (0 at a chunk
-    start; a sub-chunk of the exact per-dimension path passes the row before it).
-    Returns fq, fk of the same shape and fa of shape [] or [Dk].
+    bf, cnt: [C, Dk]; (bf0, cnt0): the table's value just before the span (0 at a chunk
+    start; a sub-chunk of the exact path passes the row before it).
+    Returns fq, fk [C, Dk] and fa [Dk].
     """
     last = jnp.min(bf, axis=0)  # bf is non-increasing along the chunk: its minimum is b_C
     clast = jnp.max(cnt, axis=0)
@@ -124,19 +126,43 @@ def chunk_factors(bf, cnt, bf0=0.0, cnt0=0.0):
     return fq, fk, fa
 
 
-def pair_weights(bf, cnt, c: int, factorised: bool = False):
+def chunk_end(sl):
+    """The chunk's last position as a slice of one: a scalar decay's b_C and reset count are
+    the last entries of bf and cnt (bf falls and cnt rises along the chunk), loaded instead of
+    reduced (a reduction across the program's threads in every step of the chunk loop)."""
+    return pl.ds(sl.start + sl.size - 1, 1)
+
+
+def pair_weights(bf_ref, cnt_ref, sl, c: int, factorised: bool = False):
     """[C, C] causal decay weights exp(b_i - b_j) for j <= i (scalar decay); 0 across resets.
 
     factorised: the chunk has no reset and b_C >= FACTOR_LOG_DECAY (see :func:`chunk_loop`):
     exp(b_i - r) * exp(r - b_j) with r = b_C / 2 keeps both factors within exp(+-40), so the
-    [C, C] table costs two [C] exponentials instead of C * C.
+    [C, C] table costs two [C] exponentials instead of C * C, and cnt is not read.
     """
+    bf = bf_ref[sl]
     if factorised:
-        ref = 0.5 * jnp.min(bf, axis=0)
+        ref = 0.5 * bf_ref[chunk_end(sl)]
         w = jnp.exp(bf - ref)[:, None] * jnp.exp(ref - bf)[None, :]
         return jnp.where(causal_mask(c), w, 0.0)
+    cnt = cnt_ref[sl]
     keep = causal_mask(c) & (cnt[:, None] == cnt[None, :])
     return jnp.where(keep, jnp.exp(jnp.minimum(bf[:, None] - bf[None, :], 0.0)), 0.0)
+
+
+def scalar_factors(bf_ref, cnt_ref, sl, factorised: bool = False):
+    """Scalar decay: the q-side and k-side factors [C, 1] and the chunk's factor [1] (table in
+    the module docstring). factorised: no reset in the segment (:func:`chunk_loop`), so cnt is
+    all zero and is not read."""
+    bf, end = bf_ref[sl], chunk_end(sl)
+    last = bf_ref[end]
+    if factorised:
+        return jnp.exp(bf)[:, None], jnp.exp(last - bf)[:, None], jnp.exp(last)
+    cnt, clast = cnt_ref[sl], cnt_ref[end]
+    fq = jnp.where(cnt == 0.0, jnp.exp(jnp.minimum(bf, 0.0)), 0.0)
+    fk = jnp.where(cnt == clast, jnp.exp(jnp.minimum(last - bf, 0.0)), 0.0)
+    fa = jnp.where(clast == 0.0, jnp.exp(jnp.minimum(last, 0.0)), 0.0)
+    return fq[:, None], fk[:, None], fa
 
 
 def pair_weights_dim(bf, cnt, c: int):
@@ -161,20 +187,20 @@ def intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, *, mode: str, c: int, dk: in
         return a
     a = mm(q_ref[sl, :] if q is None else q, k_ref[sl, :] if k is None else k, tb=True)
     if mode == SCALAR:
-        return a * pair_weights(bf_ref[sl], cnt_ref[sl], c, factorised)
+        return a * pair_weights(bf_ref, cnt_ref, sl, c, factorised)
     return jnp.where(causal_mask(c), a, 0.0)
 
 
-def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None):
+def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None, factorised: bool = False):
     """(fq, fk, fa) broadcastable against [C, Dk] tiles and [Dk, *] states; None if no decay.
 
     before: the row just before a sub-chunk (per-dimension exact path), None at a chunk start.
+    factorised: a scalar decay's segment without resets (:func:`scalar_factors`).
     """
     if mode == NONE:
         return None
     if mode == SCALAR:
-        fq, fk, fa = chunk_factors(bf_ref[sl], cnt_ref[sl])
-        return fq[:, None], fk[:, None], fa
+        return scalar_factors(bf_ref, cnt_ref, sl, factorised)
     ref = {} if before is None else dict(bf0=bf_ref[before, :], cnt0=cnt_ref[before, :])
     fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :], **ref)
     return fq, fk, fa[:, None]
@@ -216,8 +242,9 @@ def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
 
     load(sl) reads the chunk's input tiles ahead of any branch (so that the loads can be
     pipelined). Scalar decay: ``fast`` is the program's choice of ``factorised`` pair weights
-    (:func:`chunk_loop`). Per-dimension decay: the fast step when fast_path_ok, else the exact
-    step on each sub-chunk, which reads its own tiles (in reverse order for the backward).
+    (:func:`chunk_loop`). Per-dimension decay: the fast step where the whole segment allows it
+    (``factorised``), else chunk by chunk the fast step when fast_path_ok and otherwise the
+    exact step on each sub-chunk, which reads its own tiles (in reverse order for the backward).
     """
     start = pl.multiple_of(ci * c, c)
     sl = pl.ds(start, c)
@@ -237,28 +264,32 @@ def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
 
     if mode not in FAST_PATH_MODES:
         return exact(carry)
+    if factorised:
+        return step(sl, c, carry, None, True, tiles)
     return lax.cond(fast_path_ok(bf_ref, cnt_ref, sl),
                     lambda carry: step(sl, c, carry, None, True, tiles), exact, carry)
 
 
 # A program whose segment has no reset and no chunk with b_C below this takes the factorised
-# pair weights of a scalar decay (pair_weights): its factors stay within exp(+-40).
+# pair weights of a scalar decay (pair_weights): its factors stay within exp(+-40). (A
+# per-dimension decay's segment takes the fast path throughout where no reset and every chunk
+# has b_C > SAFE_LOG_DECAY in every dimension.)
 FACTOR_LOG_DECAY = -80.0
 
 
 def chunk_loop(n_chunks: int, body, init, *, mode: str, fast_ref):
     """lax.fori_loop over the chunks of body(i, carry, factorised) -> carry.
 
-    With a scalar decay the program reads its segment's flag in ``fast_ref`` ([S] int32, 1 where
-    the pair weights may be factorised) once and runs one of two loops. The branch sits outside
-    the loop: on an H100 a branch inside the chunk loop made the scalar forms 2x slower
-    (benchmarks/NOTES_kernels.md, v3).
+    With a decay the program reads its segment's flag in ``fast_ref`` ([S] int32, 1 where the
+    scalar pair weights may be factorised, or where every chunk may take the per-dimension fast
+    path) once and runs one of two loops. The branch sits outside the loop: on an H100 a branch
+    inside the chunk loop made the scalar forms 2x slower (benchmarks/NOTES_kernels.md, v3).
     """
     def loop(factorised):
         return lambda carry: lax.fori_loop(
             0, n_chunks, functools.partial(body, factorised=factorised), carry)
 
-    if mode != SCALAR:
+    if mode == NONE or (mode == PER_DIM and mode not in FAST_PATH_MODES):
         return loop(False)(init)
     flags = fast_ref[...]
     mine = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, flags.shape, 0)
@@ -301,7 +332,7 @@ def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, m
         return a, e, fk, fa
     a = intra_scores(q_ref, k_ref, bf_ref, cnt_ref, sl, mode=mode, c=cc, dk=dk,
                      dim_slice=dim_slice, q=q, k=k, factorised=fast)
-    f = load_factors(bf_ref, cnt_ref, sl, mode, before)
+    f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
     return (a, None, None, 1.0) if f is None else (a, *f)
 
 
@@ -328,7 +359,7 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: i
         if f is None:
             return acc + scale * mm(x, y, ta=True)
         fq, fk, fa = f
-        return fa * acc + scale * mmx(_scaled(x, fq if side == "q" else fk, split), y, ta=True)
+        return fa * acc + scale * decayed_tmm(x, fq if side == "q" else fk, y, mode, split)
 
     m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
 
@@ -338,7 +369,7 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
                     decay_grad: bool = True):
     """Per-segment summaries [B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`).
 
-    x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, T, H] or [B, T, H, Dk] (None without decay).
+    x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, H, T] or [B, T, H, Dk] (None without decay).
     T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two. decay_grad: the log-decay
     gradient will be taken (decayed operands enter in two bf16 parts, see DG_SPLIT).
     """
@@ -386,12 +417,13 @@ def with_decay_refs(kernel, position: int, has_decay: bool, flags: bool = True):
 
 
 def decay_operands(bf, cnt, L: int, H: int, dk: int, fast=None):
-    """(operands, BlockSpecs) of the chunk-local decays (and of the per-segment flags
-    fast [B, H, S] of :func:`chunk_loop`, when given); empty without decay."""
+    """(operands, BlockSpecs) of the chunk-local decays bf, cnt ([B, H, T] scalar or
+    [B, T, H, Dk]) and of the per-segment flags fast [B, H, S] of :func:`chunk_loop`, when
+    given; empty without decay."""
     if bf is None:
         return [], []
-    if bf.ndim == 3:
-        spec = pl.BlockSpec((None, L, None), lambda bh, s, j: (bh // H, s, bh % H))
+    if bf.ndim == 3:  # scalar decay, head-major [B, H, T]
+        spec = pl.BlockSpec((None, None, L), lambda bh, s, j: (bh // H, bh % H, s))
     else:
         spec = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
     if fast is None:
@@ -481,7 +513,7 @@ def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float
 
     s0 [B, H, Dk, Dv] the initial state; m [B, H, S, Dk, Dv] the segment summaries and
     a [B, H, S, Dk] the segment decays: each program folds them into its incoming state.
-    fast [B, H, S] int32: the segments whose scalar-decay pair weights factorise (chunk_loop).
+    fast [B, H, S] int32: the segments that take the fast path throughout (chunk_loop).
     """
     B, T, H, dk = q.shape
     dv = v.shape[-1]
