@@ -24,14 +24,12 @@ import jax.numpy as jnp
 
 from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import is_per_dim
-from lasp2_jax.kernels import pallas_backward, pallas_forward
+from lasp2_jax.kernels import pallas_backward, pallas_forward, pallas_scans
 from lasp2_jax.kernels.backends import Backend
 from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR
 
 _f32 = jnp.float32
 
-# exp(g) is exactly 0 in float32 below this: such a token is a state reset.
-RESET_LOG_DECAY = -104.0
 # The per-dimension form's exact path works on sub-chunks of pallas_forward.SUB_CHUNK.
 PER_DIM_CHUNK = 64
 
@@ -107,26 +105,17 @@ def _decay_tables(g, plan: _Plan):
     B, T = g.shape[:2]
     c, S = plan.chunk, plan.segments
     n = T // c
-    if g.ndim == 3:
-        # Head-major: the cumsums run along the minor axis, and the kernels' decay loads are
-        # contiguous. (Summed along T in [B, T, H], with few outputs and strided inputs, the
-        # segment totals alone took 0.11 ms of a 0.34 ms forward on an H100.) The barrier
-        # keeps the transpose a copy of its own: fused into the cumsums' reduce-windows, each
-        # output re-read its window through the transpose (0.017 ms instead of a few us).
-        g = jax.lax.optimization_barrier(jnp.moveaxis(g, 2, 1))
-    t = 2 if g.ndim == 3 else 1  # the time axis
+    # Scalar tables come head-major, [B, H, T]: the kernels' decay loads are contiguous.
+    bf, cnt = pallas_scans.decay_tables(g, c)
+    t = 2 if g.ndim == 3 else 1  # the time axis of the tables
 
     def split(x, parts):  # the time axis as [parts, length // parts]
         return x.reshape(*x.shape[:t], parts, x.shape[t] // parts, *x.shape[t + 1:])
 
-    reset = g < RESET_LOG_DECAY
-    bf = jnp.cumsum(split(jnp.where(reset, 0.0, g), n), axis=t + 1)
-    cnt = jnp.cumsum(split(reset.astype(_f32), n), axis=t + 1)
     # Segment totals from the chunks' last entries: sums over chunk totals, not over T.
-    chunk_total = split(jnp.take(bf, -1, axis=t + 1), S)  # [B, (H,) S, K(, H, Dk)]
-    any_reset = jnp.any(split(jnp.take(cnt, -1, axis=t + 1), S) > 0, axis=t + 1)
+    chunk_total = split(jnp.take(split(bf, n), -1, axis=t + 1), S)  # [B, (H,) S, K(, H, Dk)]
+    any_reset = jnp.any(split(jnp.take(split(cnt, n), -1, axis=t + 1), S) > 0, axis=t + 1)
     a = jnp.where(any_reset, 0.0, jnp.exp(jnp.sum(chunk_total, axis=t + 1)))
-    bf, cnt = bf.reshape(g.shape), cnt.reshape(g.shape)
     if g.ndim == 4:  # a [B, S, H, Dk]; the fast path in every chunk, per dimension
         fast = ~jnp.any(any_reset, axis=-1) & jnp.all(
             chunk_total > pallas_forward.SAFE_LOG_DECAY, axis=(2, 4))  # [B, S, H]
@@ -224,12 +213,11 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
         final_term = jnp.sum(final * dst, axis=-1)  # [B, H, Dk]
         if plan.mode == SCALAR:
             db = jnp.moveaxis(jnp.sum(dbq - dbk, axis=2), 1, 2)  # [B, T, H]
-            final_term = jnp.sum(final_term, axis=-1)
+            db = db.at[:, -1].add(jnp.sum(final_term, axis=-1))
+            dg = _reverse_cumsum(db, plan.chunk)[:, :T]
         else:
-            db = dbq - dbk
-        db = db.at[:, -1].add(final_term)
-        dg = _reverse_cumsum(db, plan.chunk)
-        dg = dg[:, :T] if plan.mode == SCALAR else dg[:, :T, :, :Dk]
+            dbq = dbq.at[:, -1].add(final_term)
+            dg = pallas_scans.reverse_decay_sums(dbq, dbk, plan.chunk)[:, :T, :, :Dk]
     return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
 
 

@@ -4,11 +4,12 @@ Notation of DESIGN.md §1: S_t = diag(a_t) S_{t-1} + k_t^T v_t, o_t = scale * q_
 a_t = exp(g_t). The segment of one (batch, head) is cut into chunks of C tokens, and the chunks
 into ``num_segments`` segments of K chunks: LASP-2 applied across the programs of one device.
 
-Decays enter every kernel in the same chunk-local form (built by :mod:`lasp2_jax.kernels.pallas`):
-``bf`` is the inclusive cumulative sum of the finite log decays from the chunk start and ``cnt``
-counts the resets (g < RESET_LOG_DECAY, where exp(g) is 0 in float32) from the chunk start. All
-decays are then referred to the chunk's own boundaries, so every exponent is <= 0, and a reset
-zeroes exactly the products that cross it (the count differs) without forming inf - inf:
+Decays enter every kernel in the same chunk-local form (built by
+:mod:`lasp2_jax.kernels.pallas_scans`): ``bf`` is the inclusive cumulative sum of the finite log
+decays from the chunk start and ``cnt`` counts the resets (g < RESET_LOG_DECAY, where exp(g)
+is 0 in float32) from the chunk start. All decays are then referred to the chunk's own
+boundaries, so every exponent is <= 0, and a reset zeroes exactly the products that cross it
+(the count differs) without forming inf - inf:
 
     q side  exp(b_i)         = [cnt_i == 0]        exp(bf_i)            (chunk start -> i)
     k side  exp(b_C - b_j)   = [cnt_j == cnt_C]    exp(bf_C - bf_j)     (j -> chunk end)
