@@ -32,10 +32,13 @@ def test_decay_tables_match_chunked_cumsums(per_dim):
 
 
 def test_reverse_decay_sums_match_reverse_cumsum():
+    """Several chunks, the final-state term at the last token."""
     B, T, H, Dk, C = 2, 128, 2, 32, 32
     dbq, dbk = (RNG.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
-    got = np.asarray(pallas_scans.reverse_decay_sums(dbq, dbk, C))
+    final = RNG.standard_normal((B, H, Dk)).astype(np.float32)
+    got = np.asarray(pallas_scans.reverse_decay_sums(dbq, dbk, final, C))
     diff = dbq.astype(np.float64) - dbk
+    diff[:, -1] += final
     want = np.flip(np.cumsum(np.flip(diff, 1), axis=1), 1)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

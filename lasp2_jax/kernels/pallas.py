@@ -216,8 +216,8 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
             db = db.at[:, -1].add(jnp.sum(final_term, axis=-1))
             dg = _reverse_cumsum(db, plan.chunk)[:, :T]
         else:
-            dbq = dbq.at[:, -1].add(final_term)
-            dg = pallas_scans.reverse_decay_sums(dbq, dbk, plan.chunk)[:, :T, :, :Dk]
+            dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
+            dg = dg[:, :T, :, :Dk]
     return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
 
 

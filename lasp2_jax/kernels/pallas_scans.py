@@ -64,27 +64,30 @@ def decay_tables(g, chunk: int):
     )(g)
 
 
-def _reverse_sums_kernel(dbq_ref, dbk_ref, after_ref, dg_ref):
+def _reverse_sums_kernel(dbq_ref, dbk_ref, final_ref, after_ref, dg_ref):
     x = dbq_ref[...] - dbk_ref[...]  # [C, Dk]
     c = x.shape[0]
-    later = (lax.broadcasted_iota(jnp.int32, (c, c), 1)
-             >= lax.broadcasted_iota(jnp.int32, (c, c), 0)).astype(_f32)  # [t, s]: s >= t
-    # In float32 (IEEE, not TF32): the sums are differences of nearly equal terms.
-    inside = lax.dot(later, x, precision=lax.Precision.HIGHEST, preferred_element_type=_f32)
-    dg_ref[...] = inside + after_ref[...][None, :]
+    # The final state's term enters at the sequence's last token, before any sum: there it
+    # nearly cancels k dk (see pallas.py).
+    last = ((lax.broadcasted_iota(jnp.int32, x.shape, 0) == c - 1)
+            & (pl.program_id(1) == pl.num_programs(1) - 1))
+    x = x + jnp.where(last, final_ref[...][None, :], 0.0)
+    # sum_{s >= t} x_s = (chunk total) - (sum_{s < t} x_s): a forward scan, which Triton has.
+    dg_ref[...] = (jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x
+                   + after_ref[...][None, :])
 
 
-def reverse_decay_sums(dbq, dbk, chunk: int):
-    """dg_t = sum_{s >= t} (dbq_s - dbk_s) along T.
+def reverse_decay_sums(dbq, dbk, final_term, chunk: int):
+    """dg_t = sum_{s >= t} (dbq_s - dbk_s), with final_term added at the last token.
 
-    dbq, dbk: [B, T, H, Dk] float32, T a multiple of chunk (the caller has added the final
-    state's term to dbq's last token). Inside each chunk the sum is a float32 matmul with a
-    triangular matrix; the chunks after it enter as one total each, summed by XLA over the
-    T / chunk chunk totals. Returns dg [B, T, H, Dk] float32.
+    dbq, dbk: [B, T, H, Dk] float32, T a multiple of chunk; final_term [B, H, Dk]. The chunks
+    after each chunk enter as one total each, summed by XLA over the T / chunk chunk totals.
+    Returns dg [B, T, H, Dk] float32.
     """
     B, T, H, dk = dbq.shape
     n = T // chunk
     totals = jnp.sum((dbq - dbk).reshape(B, n, chunk, H, dk), axis=2)  # [B, N, H, Dk]
+    totals = totals.at[:, -1].add(final_term)
     from_end = jnp.cumsum(jnp.flip(totals, 1), axis=1)
     after = jnp.flip(jnp.concatenate([jnp.zeros_like(from_end[:, :1]), from_end[:, :-1]], 1),
                      1)  # sum over the chunks after each chunk
@@ -92,10 +95,11 @@ def reverse_decay_sums(dbq, dbk, chunk: int):
     return pl.pallas_call(
         _reverse_sums_kernel,
         grid=(B, n, H),
-        in_specs=[spec, spec, pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, i, h, 0))],
+        in_specs=[spec, spec, pl.BlockSpec((None, None, dk), lambda b, i, h: (b, h, 0)),
+                  pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, i, h, 0))],
         out_specs=spec,
         out_shape=jax.ShapeDtypeStruct(dbq.shape, _f32),
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=compat.pallas_interpret(),
         name="lasp2_reverse_decay_sums",
-    )(dbq, dbk, after)
+    )(dbq, dbk, final_term, after)
