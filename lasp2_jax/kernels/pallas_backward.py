@@ -145,24 +145,17 @@ def _strictly_before(c: int):
             < lax.broadcasted_iota(jnp.int32, (c, c), 1))
 
 
-# The crossing sums below reduce along rows only, and turn the running sums over a chunk's
-# positions into 1-D scans: on a GPU a row of a matmul tile lives within one warp, while a sum
-# down the columns of a [C, C] tile goes through shared memory across the program's warps.
-
-
 def _crossing_inside_and_entering(q, k, wdp, dq_inter, c: int):
     """Crossing form, dq side, for each position u of the chunk ([C], partial over this
     program's Dk block): the pairs s < u <= t inside the chunk plus those from earlier chunks
-    into t >= u. wdp: dP * W as it entered the dq product; dq_inter: the state's part of dq."""
+    into t >= u. wdp: dP * W as it entered the dq product; dq_inter: the state's part of dq.
+
+    (Transposing ``before`` so that the sum over t runs along rows, with the entering term as
+    a 1-D scan, measured slower on an H100: 0.355 against 0.322 ms for this kernel.)"""
     pairs = _as_f32(wdp) * mm(q, k, tb=True)  # [t, s]
-    # [u, t] = sum_{s < u} pairs[t, s], transposed so that the sum over t >= u runs along rows
-    before = mm(_strictly_before(c).astype(q.dtype), pairs.astype(q.dtype), ta=True, tb=True)
-    t_after_u = (lax.broadcasted_iota(jnp.int32, (c, c), 1)
-                 >= lax.broadcasted_iota(jnp.int32, (c, c), 0))
-    inside = jnp.sum(jnp.where(t_after_u, before, 0.0), axis=1)
-    entering = jnp.sum(q.astype(_f32) * dq_inter, axis=1)  # [t]
-    # sum over t >= u, as the total less the exclusive prefix (a forward scan)
-    return inside + (jnp.sum(entering) - jnp.cumsum(entering) + entering)
+    before = mm(pairs.astype(q.dtype), _strictly_before(c).astype(q.dtype))  # [t, u]: s < u
+    entering = jnp.sum(q.astype(_f32) * dq_inter, axis=1, keepdims=True)  # [t, 1]
+    return jnp.sum(jnp.where(causal_mask(c), before + entering, 0.0), axis=0)  # over t >= u
 
 
 def _crossing_leaving_and_passing(k, dk_inter, s_in, dh, fa):
@@ -170,7 +163,9 @@ def _crossing_leaving_and_passing(k, dk_inter, s_in, dh, fa):
     chunk to later chunks, plus those passing over the chunk (the same for every u)."""
     leaving = jnp.sum(k.astype(_f32) * dk_inter, axis=1)  # [s]
     passing = fa * jnp.sum(s_in.astype(_f32) * dh)
-    return jnp.cumsum(leaving) - leaving + passing  # sum over s < u, an exclusive scan
+    # The sum over s < u as an exclusive 1-D scan: on an H100 this took the dk kernel from
+    # 0.237 to 0.225 ms against a masked [C, C] tile summed down its columns (across warps).
+    return jnp.cumsum(leaving) - leaving + passing
 
 
 # --------------------------------------------------------------------------------------------
