@@ -40,15 +40,20 @@ def _rows(pattern):
 
 def plot_sp(card):
     rows = _rows(f"sp_{card}_*.json")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in sorted({r["method"] for r in rows}):
-        pts = sorted({r["T"]: r["tokens_per_s"] for r in rows if r["method"] == name}.items())
-        ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
-           ylabel="tokens/s (fwd+bwd, one layer)", title=f"{card} x4, H=16 D=128 bf16")
-    ax.legend(fontsize=8)
-    ax.text(0.01, 0.01, "below 1M: the inputs' copy onto the GPUs is inside the timing (README)",
-            transform=ax.transAxes, fontsize=7, color="gray")
+    sps = sorted({r["sp"] for r in rows})
+    fig, axes = plt.subplots(1, len(sps), figsize=(6.5 * len(sps), 4.5), squeeze=False)
+    for ax, sp in zip(axes[0], sps, strict=True):
+        mine = [r for r in rows if r["sp"] == sp]
+        for name in sorted({r["method"] for r in mine}):
+            pts = sorted({r["T"]: r["tokens_per_s"] for r in mine
+                          if r["method"] == name}.items())
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+               ylabel="tokens/s (fwd+bwd, one layer)", title=f"{card} x{sp}, H=16 D=128 bf16")
+        ax.legend(fontsize=8)
+        if sp == 4:
+            ax.text(0.01, 0.01, "below 1M: the inputs' copy onto the GPUs is inside the timing "
+                    "(README)", transform=ax.transAxes, fontsize=7, color="gray")
     fig.tight_layout()
     path = os.path.join(RESULTS, f"sp_{card}_fig3.png")
     fig.savefig(path, dpi=110)
