@@ -299,7 +299,7 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
             g = None if gn is None else jnp.asarray(gn)
             b_fwd, b_fb = hbm_bytes(B, T, H, D, form)
             cases = [(impl, None) for impl in impls]
-            if (B, T) == shapes[0] and form in ("basic", "simple_gla"):
+            if (B, T) == shapes[0]:  # the variants at the first shape, for each form asked
                 cases += [("pallas", v_) for v_ in variants]
             for impl, variant in cases:
                 name = impl if variant is None else f"pallas[{variant}]"
@@ -349,6 +349,7 @@ def _variants():
         "st3": C(fb(num_stages=3), bb(num_stages=3)),
         "st1": C(fb(num_stages=1), bb(num_stages=1)),
         "bw8": C(fb(), bb(num_warps=8)),
+        "fw8": C(fb(num_warps=8), bb()),
         "bk32": C(fb(), bb(block_k=32)),
         "bst3": C(fb(), bb(num_stages=3)),
     }

@@ -49,6 +49,10 @@ def test_summary_counts_device_streams_by_category(tmp_path):
     assert s["ms_per_step"] == {"collective": 0.030, "linear_attention": 0.010,
                                 "matmul": 0.040, "other": 0.005}
     assert abs(s["exposed_collective_ms_per_step"] - 0.020) < 1e-12  # 40..60: no compute
+    # The events by time, largest first, cut at `top` (profile_kernels.py lists 50).
+    top = PT.summarize(str(path), steps=2, top=2)["top_events_ms_per_step"]
+    assert [name for name, _ in top] == ["sm90_xmma_gemm_bf16", "ncclDevKernel_AllReduce"]
+    assert np.allclose([ms for _, ms in top], [0.020, 0.015])
 
 
 def test_collective_bytes_by_kind_and_place():
