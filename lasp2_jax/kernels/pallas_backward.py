@@ -41,6 +41,7 @@ from lasp2_jax.kernels.pallas_forward import (
     PER_DIM,
     SCALAR,
     _scaled,
+    absent_refs,
     causal_mask,
     chunk_loop,
     chunk_scores,
@@ -294,19 +295,6 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref,
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def _absent_refs(kernel, count: int, position: int | None = None):
-    """Pass ``count`` None refs at ``position`` (default: after all others) for operands or
-    outputs that the pallas_call leaves out."""
-    if count == 0:
-        return kernel
-
-    def wrapped(*refs):
-        at = len(refs) if position is None else position
-        return kernel(*refs[:at], *([None] * count), *refs[at:])
-
-    return wrapped
-
-
 def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale: float,
              chunk: int, block_sizes: BlockSizes, dim_slice: int, parts=("dq", "dk", "dv"),
              decay_grad: bool = True):
@@ -366,7 +354,7 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
     # Refs the calls below do not pass are None: the dq kernel's trailing (db, states) outputs,
     # the dk kernel's states input (after q, k, v, dO, the decay refs and the summaries) and its
     # trailing db output.
-    dq_kernel = _absent_refs(with_decay_refs(
+    dq_kernel = absent_refs(with_decay_refs(
         functools.partial(_dq_kernel, **common, split=split), 4, has_decay),
         2 - emit_db - crossing)
     dq = dk_ = dv_ = ds0 = None
@@ -381,8 +369,8 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
         )(q, k, v, do, *dargs, s0, m, a)
         if crossing:
             *dbq, states = dbq
-    dk_kernel = _absent_refs(with_decay_refs(
-        _absent_refs(functools.partial(_dk_kernel, **common, split=split), 1 - crossing,
+    dk_kernel = absent_refs(with_decay_refs(
+        absent_refs(functools.partial(_dk_kernel, **common, split=split), 1 - crossing,
                      position=10), 4, has_decay), 1 - emit_db)
     if "dk" in parts:
         dk_, *dbk = pl.pallas_call(

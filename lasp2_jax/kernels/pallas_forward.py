@@ -405,16 +405,23 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
     )(*args)
 
 
-def with_decay_refs(kernel, position: int, has_decay: bool, flags: bool = True):
-    """Without decay the pallas_call gets no (bf, cnt[, fast]) operands: pass None refs in
-    their place (flags: the kernel takes the per-segment ``fast`` flags after bf and cnt)."""
-    if has_decay:
+def absent_refs(kernel, count: int, position: int | None = None):
+    """Pass ``count`` None refs at ``position`` (default: after all others) for operands or
+    outputs that the pallas_call leaves out."""
+    if count == 0:
         return kernel
 
     def wrapped(*refs):
-        return kernel(*refs[:position], *([None] * (3 if flags else 2)), *refs[position:])
+        at = len(refs) if position is None else position
+        return kernel(*refs[:at], *([None] * count), *refs[at:])
 
     return wrapped
+
+
+def with_decay_refs(kernel, position: int, has_decay: bool, flags: bool = True):
+    """Without decay the pallas_call gets no (bf, cnt[, fast]) operands: pass None refs in
+    their place (flags: the kernel takes the per-segment ``fast`` flags after bf and cnt)."""
+    return absent_refs(kernel, 0 if has_decay else 2 + flags, position)
 
 
 def decay_operands(bf, cnt, L: int, H: int, dk: int, fast=None):
