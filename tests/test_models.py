@@ -148,6 +148,8 @@ def test_gradients_are_finite_with_resets():
     ("mixer", "mamba", "ModelConfig.mixer"),
     ("n_kv_heads", 3, "ModelConfig.n_kv_heads"),
     ("normalize", True, "ModelConfig.normalize"),
+    ("backend", "triton", "ModelConfig.backend"),
+    ("softmax_backend", "flash", "ModelConfig.softmax_backend"),
 ])
 def test_bad_model_config_names_setting(field, value, needle):
     with pytest.raises(ValueError, match=needle):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lasp2_jax.kernels.backends import BACKENDS
+
 MIXERS = ("basic", "lightning", "retention", "gla", "based", "rebased", "softmax")
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -103,8 +105,9 @@ class ModelConfig:
             if bidi:
                 bad("causal", f"bidirectional models need decay-free mixers "
                               f"{BIDIRECTIONAL_MIXERS}; got {sorted(bidi)}")
-        if self.softmax_backend not in ("xla", "pallas", "auto"):
-            bad("softmax_backend", "expected xla, pallas or auto")
+        for name in ("backend", "softmax_backend"):
+            if getattr(self, name) not in BACKENDS:
+                bad(name, f"expected one of {BACKENDS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 bad(name, "expected float32, bfloat16 or float16")
