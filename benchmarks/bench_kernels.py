@@ -394,7 +394,8 @@ def main():
     p.add_argument("--check-last", action="store_true", help="time first, then check")
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
-    p.add_argument("--variants", default="")
+    p.add_argument("--variants", default="",
+                   help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
                    help="override pallas_forward.DG_SPLIT: comma list, or 'none'")
@@ -432,6 +433,9 @@ def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     shapes = shapes[:1] if args.quick else shapes
     variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}")
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)
     if not args.no_check and args.check_last:

@@ -28,7 +28,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train as BT  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("collective", r"all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|collective[-_]?permute"
@@ -140,6 +139,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    # Imported here: the trace summary above serves profile_kernels.py too, which must not
+    # need the training stack (its data pipeline) on a kernels-only machine.
+    import bench_train as BT
+
     base = dict(BT.TINY) if args.quick else dict(BT.LLAMA3_1B)
     if args.quick:
         args.case = "hybrid:4:1024"

@@ -22,7 +22,8 @@ Per chunk: the pairs inside it (corner sums of P, from the dq kernel), those ent
 earlier chunks into t >= u (suffix sums of q_t . dq_inter_t, dq kernel), those leaving from
 s < u to later chunks (prefix sums of k_s . dk_inter_s, dk kernel) and those passing over the
 chunk, exp(b_C) <S, dS'> with S the state entering it (stored by the dq kernel) and dS' the
-cotangent of the state leaving it (dk kernel). The caller only adds the two outputs.
+cotangent of the state leaving it (dk kernel). The caller only adds the two outputs
+(pallas_crossing has the sums).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
-from lasp2_jax.kernels import pallas_forward
+from lasp2_jax.kernels import pallas_crossing, pallas_forward
 from lasp2_jax.kernels.pallas_forward import (
     PER_DIM,
     SCALAR,
@@ -140,35 +141,6 @@ def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, spl
     return mmx(wdp, x, ta=transpose), wdp
 
 
-def _strictly_before(c: int):
-    """[C, C] mask [s, u] = (s < u)."""
-    return (lax.broadcasted_iota(jnp.int32, (c, c), 0)
-            < lax.broadcasted_iota(jnp.int32, (c, c), 1))
-
-
-def _crossing_inside_and_entering(q, k, wdp, dq_inter, c: int):
-    """Crossing form, dq side, for each position u of the chunk ([C], partial over this
-    program's Dk block): the pairs s < u <= t inside the chunk plus those from earlier chunks
-    into t >= u. wdp: dP * W as it entered the dq product; dq_inter: the state's part of dq.
-
-    (Transposing ``before`` so that the sum over t runs along rows, with the entering term as
-    a 1-D scan, measured slower on an H100: 0.355 against 0.322 ms for this kernel.)"""
-    pairs = _as_f32(wdp) * mm(q, k, tb=True)  # [t, s]
-    before = mm(pairs.astype(q.dtype), _strictly_before(c).astype(q.dtype))  # [t, u]: s < u
-    entering = jnp.sum(q.astype(_f32) * dq_inter, axis=1, keepdims=True)  # [t, 1]
-    return jnp.sum(jnp.where(causal_mask(c), before + entering, 0.0), axis=0)  # over t >= u
-
-
-def _crossing_leaving_and_passing(k, dk_inter, s_in, dh, fa):
-    """Crossing form, dk side ([C], partial over the Dk block): the pairs from s < u of the
-    chunk to later chunks, plus those passing over the chunk (the same for every u)."""
-    leaving = jnp.sum(k.astype(_f32) * dk_inter, axis=1)  # [s]
-    passing = fa * jnp.sum(s_in.astype(_f32) * dh)
-    # The sum over s < u as an exclusive 1-D scan: on an H100 this took the dk kernel from
-    # 0.237 to 0.225 ms against a masked [C, C] tile summed down its columns (across warps).
-    return jnp.cumsum(leaving) - leaving + passing
-
-
 # --------------------------------------------------------------------------------------------
 # dq: chunks in order, carrying the rows [block_k] of the state entering each chunk.
 
@@ -202,7 +174,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             dq = intra + inter
             if states_ref is not None:  # crossing form
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
-                db_ref[sl] = _crossing_inside_and_entering(q, k, scores, inter, cc)
+                db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, inter, cc)
             elif db_ref is not None:
                 _db_store(db_ref, sl, q, dq - _diag(scores) * k.astype(_f32), mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
@@ -247,8 +219,8 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
                                          transpose=True)
             dk = intra + inter
             if states_ref is not None:  # crossing form
-                db_ref[sl] = _crossing_leaving_and_passing(k, inter, states_ref[sl.start // cc],
-                                                           dh, fa)
+                db_ref[sl] = pallas_crossing.leaving_and_passing_sums(
+                    k, inter, states_ref[sl.start // cc], dh, fa)
             elif db_ref is not None:
                 _db_store(db_ref, sl, k, dk - _diag(scores) * q.astype(_f32), mode)
             q_dh = _scaled(q, fq, split)
