@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 if "--quick" in sys.argv:
@@ -35,7 +38,11 @@ sys.path.insert(0, _REPO)
 import lasp2_jax  # noqa: E402
 from lasp2_jax.kernels import get_backend  # noqa: E402
 from lasp2_jax.parallel import lasp1_linear_attention, ring_softmax_attention  # noqa: E402
-from lasp2_jax.parallel.lasp2 import gather_states, lasp2_causal, local_segment  # noqa: E402
+from lasp2_jax.parallel.lasp2 import (  # noqa: E402
+    enter_state,
+    gather_states,
+    lasp2_causal,
+)
 
 QKV = P("dp", "sp", "tp", None)
 
@@ -59,13 +66,15 @@ def fwd_bwd(attn):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def lasp2_split(mesh, splits, backend):
-    """LASP-2 with its state gather sent as ``splits`` pieces (Table 5)."""
+def lasp2_split(mesh, splits, backend, overlap=None):
+    """LASP-2 with its state gather sent as ``splits`` pieces (Table 5); overlap as in
+    lasp2_causal (None: its cost model chooses)."""
     be = get_backend(backend)
 
     def region(q, k, v):
         s0 = jnp.zeros(q.shape[:1] + q.shape[2:3] + (q.shape[3], v.shape[3]), jnp.float32)
-        o, _ = lasp2_causal(q, k, v, None, s0, "sp", q.shape[3] ** -0.5, 64, be, False, splits)
+        o, _ = lasp2_causal(q, k, v, None, s0, "sp", q.shape[3] ** -0.5, 64, be, False, splits,
+                            overlap)
         return o
 
     return jax.shard_map(region, mesh=mesh, in_specs=(QKV,) * 3, out_specs=QKV,
@@ -82,7 +91,8 @@ def allgather_kv_linear(mesh, backend):
         k_all, v_all = (jax.lax.all_gather(x, "sp", axis=1, tiled=True) for x in (k, v))
         before = (jnp.arange(k_all.shape[1]) < rank * L)[None, :, None, None]
         s_in, _ = be.state_summary(jnp.where(before, k_all, 0), v_all, None)
-        o, _ = local_segment(be, q.shape[3] ** -0.5, 64, q, k, v, None, s_in)
+        o, _ = be.chunk_attention(q, k, v, None, scale=q.shape[3] ** -0.5, chunk_size=64,
+                                  initial_state=s_in)
         return o
 
     return jax.shard_map(region, mesh=mesh, in_specs=(QKV,) * 3, out_specs=QKV,
@@ -93,6 +103,9 @@ def methods(mesh, backend):
     lin = dict(mesh=mesh, backend=backend)
     return {
         "lasp2": lambda q, k, v: lasp2_jax.linear_attention(q, k, v, **lin),
+        # the two ways lasp2_causal can take (the line above lets its cost model choose)
+        "lasp2_overlap": lasp2_split(mesh, 1, backend, overlap=True),
+        "lasp2_state_first": lasp2_split(mesh, 1, backend, overlap=False),
         "lasp1": lambda q, k, v: lasp1_linear_attention(q, k, v, **lin),
         "allgather_kv_linear": allgather_kv_linear(mesh, backend),
         "softmax_allgather": lambda q, k, v: lasp2_jax.softmax_attention(q, k, v, mesh=mesh),
@@ -103,9 +116,10 @@ def methods(mesh, backend):
 
 
 def overlap_report(mesh, q, k, v, backend, hlo_path):
-    """Share of the state all-gather hidden behind the local attention.
+    """Share of the state all-gather hidden behind the local attention, in LASP-2's overlapped
+    form (lasp2_causal's overlap=True), from timings of separate calls.
 
-    t_local: the same per-device work with no communication (summary, local attention and the
+    t_local: the same per-device work with no communication (local attention and the
     incoming-state term); t_gather: the all-gather of the packed summaries alone; t_lasp2: all
     of it. Hidden share = (t_local + t_gather - t_lasp2) / t_gather, in [0, 1].
     Also saves the scheduled HLO and lists what runs between all-gather-start and -done.
@@ -116,8 +130,9 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
 
     def local_only(q, k, v):
         s0 = jnp.zeros(q.shape[:1] + q.shape[2:3] + (q.shape[3], v.shape[3]), jnp.float32)
-        m, _ = be.state_summary(k, v, None)
-        o, _ = local_segment(be, scale, 64, q, k, v, None, s0 + 0 * m)
+        o_zero, m = be.chunk_attention(q, k, v, None, scale=scale, chunk_size=64)
+        # a zero incoming state that, like the gathered one, depends on the local summary
+        o, _ = enter_state(o_zero, m, q, None, s0 + 0 * m, scale)
         return o
 
     def gather_only(packed):
@@ -128,8 +143,7 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
     # The packed per-rank summaries [W, B, H, Dk, Dv + 1], one slice per rank: the gather alone.
     packed = jnp.zeros((W, q.shape[0], q.shape[2], q.shape[3], v.shape[3] + 1), jnp.float32)
     f_gather = jax.jit(smap(gather_only, in_specs=P("sp"), out_specs=P("sp")))
-    f_lasp2 = jax.jit(lambda q, k, v: lasp2_jax.linear_attention(q, k, v, mesh=mesh,
-                                                                  backend=backend))
+    f_lasp2 = jax.jit(lasp2_split(mesh, 1, backend, overlap=True))
     t_local, t_lasp2 = (timed(f, q, k, v) for f in (f_local, f_lasp2))
     t_gather = timed(f_gather, packed)
     hidden = (t_local + t_gather - t_lasp2) / t_gather if W > 1 else 0.0
@@ -152,6 +166,34 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
                 hidden_share=float(np.clip(hidden, 0.0, 1.0)),
                 ops_between_gather_start_and_done=between[:40],
                 n_ops_between=len(between))
+
+
+def traced_overlap(fn, args, calls: int = 5):
+    """From a profiler trace of `calls` calls of fn(*args): device milliseconds per call (per
+    device) of the collectives, of those not overlapped by any compute kernel on the same
+    device, and of the compute. hidden_share = 1 - exposed / collective. Unlike the timings of
+    overlap_report, this sees the gather's own kernels, not a separate call's launch and
+    synchronisation."""
+    from benchmarks.profile_train import summarize  # the training profiler's summary
+
+    jax.block_until_ready(fn(*args))
+    folder = tempfile.mkdtemp(prefix="bench_sp_trace_")
+    try:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            r = None
+            for _ in range(calls):
+                r = fn(*args)
+            jax.block_until_ready(r)
+        path = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+        s = summarize(path[0], calls, top=8)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    comm = s["ms_per_step"].get("collective", 0.0)
+    exposed = s["exposed_collective_ms_per_step"]
+    return dict(collective_ms=comm, exposed_ms=exposed,
+                compute_ms=sum(v for c, v in s["ms_per_step"].items() if c != "collective"),
+                hidden_share=(1.0 - exposed / comm) if comm > 0 else None,
+                top_events_ms=s["top_events_ms_per_step"])
 
 
 def check_against_one_device(mesh, backend, T, H, D, dtype):
@@ -189,6 +231,8 @@ def main():
     ap.add_argument("--split-at", type=int, default=None,
                     help="the length of the gather-split ablation (default: the longest)")
     ap.add_argument("--methods", default=None, help="comma list (default: all)")
+    ap.add_argument("--overlap-at", default=None,
+                    help="comma list of lengths for the overlap report (default: the first)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new cases after")
     ap.add_argument("--quick", action="store_true", help="tiny CPU dry run")
@@ -219,7 +263,9 @@ def main():
                        out_shardings=NamedSharding(mesh, P(None, "sp")))
         return draw(jax.random.key(T))
 
-    overlap = None
+    overlap = []  # one report per length in --overlap-at
+    overlap_at = ([int(x) for x in args.overlap_at.split(",")] if args.overlap_at
+                  else lengths[:1])
     tag = f"sp_{card.replace(' ', '_')}_sp{W}" + ("_quick" if args.quick else "")
 
     def save():  # after every case, so a run cut short keeps what it measured
@@ -245,18 +291,34 @@ def main():
                 continue
             try:
                 ms = timed(fwd_bwd(attn), q, k, v, w)
+                # The forward alone: the gradient of <o, w> needs no value of o, so XLA drops
+                # the output kernels from the timing above (a model's next layer would not).
+                ms_f = timed(jax.jit(attn), q, k, v)
             except Exception as e:  # out of memory at the longest lengths
                 print(f"T={T} {name}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
                 continue
-            rows.append(dict(method=name, T=T, sp=W, fwd_bwd_ms=ms, tokens_per_s=T / ms * 1e3))
+            rows.append(dict(method=name, T=T, sp=W, fwd_bwd_ms=ms, fwd_ms=ms_f,
+                             tokens_per_s=T / ms * 1e3))
             save()
-            print(f"T={T:>8} {name:<22} {ms:10.2f} ms  {T / ms * 1e3:14.0f} tok/s", flush=True)
-        if overlap is None:
-            overlap = overlap_report(mesh, q, k, v, args.backend,
-                                     os.path.join(args.out, f"{tag}_hlo.txt"))
-            overlap["T"] = T
+            print(f"T={T:>8} {name:<22} fwd+bwd {ms:9.2f} ms  fwd {ms_f:8.2f} ms  "
+                  f"{T / ms * 1e3:14.0f} tok/s", flush=True)
+        if T in overlap_at:
+            report = overlap_report(mesh, q, k, v, args.backend,
+                                    os.path.join(args.out, f"{tag}_hlo_{T}.txt"))
+            report["T"] = T
+            summary = {k: v for k, v in report.items() if k.startswith(("t_", "hidden"))}
+            all_methods = methods(mesh, args.backend)
+            for name in ("lasp2_overlap", "lasp2_state_first"):  # both ways, traced
+                attn = all_methods[name]
+                for key, fn, fargs in (("fwd", jax.jit(attn), (q, k, v)),
+                                       ("fwd_bwd", fwd_bwd(attn), (q, k, v, w))):
+                    trace = traced_overlap(fn, fargs)
+                    report[f"trace_{name}_{key}"] = trace
+                    summary[f"{name}_{key}"] = {k: v if v is None else round(v, 4)
+                                                for k, v in trace.items()
+                                                if k != "top_events_ms"}
+            overlap.append(report)
             save()
-            summary = {k: v for k, v in overlap.items() if k.startswith(("t_", "hidden"))}
             print(f"overlap at T={T}: {json.dumps(summary)}", flush=True)
 
     save()

@@ -7,11 +7,18 @@ touches one file.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def pallas_interpret() -> bool:
     """Pallas kernels lower through Triton on GPU; elsewhere they run in interpret mode."""
     return jax.default_backend() != "gpu"
+
+
+def matmul_operand_dtype(dtype):
+    """The operand dtype of an XLA matmul of ``dtype`` inputs with float32 accumulation: their
+    own on GPU, float32 elsewhere (XLA's CPU runtime has no bf16 x bf16 -> f32 dot)."""
+    return dtype if jax.default_backend() == "gpu" else jnp.float32
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):

@@ -15,6 +15,7 @@ from helpers import in_float64, log_decay, mesh, normal, rel_err, rng, value_and
 import lasp2_jax
 from lasp2_jax.kernels import reference
 from lasp2_jax.parallel import lasp1_linear_attention
+from lasp2_jax.parallel import lasp2 as lasp2_module
 
 TOL = 1e-4
 MESHES = [(1, 1, 1), (2, 2, 1), (1, 4, 2), (1, 8, 1)]  # (dp, sp, tp)
@@ -85,6 +86,36 @@ def test_lasp2_with_pallas_kernels_matches_oracle(form):
     _check(dp=1, sp=4, tp=2, form=form,
            method=functools.partial(lasp2_jax.linear_attention, backend="pallas"))
 
+
+@pytest.fixture
+def state_into_kernels(monkeypatch):
+    """LASP-2 gathers first and starts the local attention from the incoming state (what the
+    cost model picks for long local segments) instead of overlapping the gather (what it picks
+    for these tiny shapes). Traced anew: the jit caches are cleared before and after."""
+    monkeypatch.setattr(lasp2_module, "gather_overlap_pays", lambda *args: False)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+STATE_FIRST_CASES = [(form, "pallas", False) for form in FORMS] + [
+    ("dim", "xla", False), ("head", "pallas", True)]
+
+
+@pytest.mark.parametrize("form,backend,fixed_decay", STATE_FIRST_CASES,
+                         ids=["-".join(map(str, c)) for c in STATE_FIRST_CASES])
+def test_lasp2_state_into_kernels_matches_oracle(form, backend, fixed_decay,
+                                                 state_into_kernels):
+    """Every decay form on the Pallas kernels, the XLA backend, and a fixed decay."""
+    _check(dp=1, sp=4, tp=2, form=form, fixed_decay=fixed_decay,
+           method=functools.partial(lasp2_jax.linear_attention, backend=backend))
+
+
+def test_gather_overlap_pays_for_short_segments_on_many_ranks():
+    """The cost model: overlap for 16K tokens per device over 64 ranks; the incoming state
+    into the kernels for 512K tokens per device over 2 ranks (H=16, D=128, bf16)."""
+    assert lasp2_module.gather_overlap_pays(64, (1, 16384, 16, 128), 128, 2)
+    assert not lasp2_module.gather_overlap_pays(2, (1, 524288, 16, 128), 128, 2)
 
 
 @pytest.mark.parametrize("local_len,chunk_size", [(8, 8), (5, 64), (16, 4)],

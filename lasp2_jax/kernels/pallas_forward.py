@@ -507,12 +507,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_re
     entry = segment_entry_state(s0_ref, m_ref, a_ref)
     state = chunk_loop(n_chunks, body, entry, mode=mode, fast_ref=fast_ref)
 
-    @pl.when(pl.program_id(1) == n_seg - 1)
-    def _():
-        if n_seg == 1:
-            final_ref[...] = state
-        else:  # the same fold as the entry states, over every segment's summary
-            final_ref[...] = a_ref[n_seg - 1, :][:, None] * entry + m_ref[n_seg - 1, :, :]
+    if n_seg == 1:  # with several segments the caller folds the final state (forward_outputs)
+        final_ref[...] = state
 
 
 def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float,
@@ -537,7 +533,7 @@ def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float
                                dk=dk, dim_slice=min(block_sizes.dim_slice, dk), n_seg=S,
                                decay_grad=decay_grad)
     kernel = with_decay_refs(kernel, 3, bf is not None)
-    return pl.pallas_call(
+    o, final = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
@@ -550,3 +546,11 @@ def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float
         interpret=compat.pallas_interpret(),
         name="lasp2_chunk_attention_fwd",
     )(q, k, v, *dargs, s0, m, a)
+    if S > 1:
+        # The fold of the entry states over every segment's summary, outside the kernel: the
+        # final state then waits for the summaries only, not for the outputs (LASP-2 gathers
+        # it as the rank's summary while the output kernel runs).
+        final = s0
+        for s in range(S):
+            final = a[:, :, s, :, None] * final + m[:, :, s]
+    return o, final

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from lasp2_jax.kernels.backends import Backend
-from lasp2_jax.parallel.lasp2 import local_segment
 
 
 def lasp1_causal(q, k, v, g, s0, *, axis_name, scale: float, chunk_size: int,
@@ -24,6 +23,8 @@ def lasp1_causal(q, k, v, g, s0, *, axis_name, scale: float, chunk_size: int,
     for _ in range(world - 1):  # after hop h, ranks 0..h+1 hold their true incoming state
         received = jax.lax.ppermute(decay * s_in + m, axis_name, forward)
         s_in = jnp.where(rank == 0, s0, received)
-    o, s_out = local_segment(backend, scale, chunk_size, q, k, v, g, s_in)
+    # The local attention starts from the state the ring delivered (it waits for it anyway).
+    o, s_out = backend.chunk_attention(q, k, v, g, scale=scale, chunk_size=chunk_size,
+                                       initial_state=s_in)
     final = jax.lax.psum(jnp.where(rank == world - 1, s_out, 0.0), axis_name)
     return o, final

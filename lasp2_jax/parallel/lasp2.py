@@ -1,10 +1,11 @@
 """LASP-2 for linear attention, in local view (call inside ``shard_map`` over ``axis_name``).
 
-Forward on rank r (DESIGN.md §1): summarise the segment into (M_r, Gamma_r), all-gather the
-packed summaries once, and meanwhile run the local chunked attention from a zero state; then
-the exclusive scan over ranks gives the incoming state S_r and one [L, Dk] x [Dk, Dv] product
-per head adds its contribution. Backward (custom VJP): all-gather dS_r once, reverse-scan it
-into dM_r, and pull both cotangents through the local computation.
+Forward on rank r (DESIGN.md §1): run the local chunked attention from a zero state, whose
+final state is the summary M_r; all-gather the packed (M_r, Gamma_r) once, while the local
+outputs are still being computed; then the exclusive scan over ranks gives the incoming state
+S_r and one [L, Dk] x [Dk, Dv] product per head adds its contribution. Backward (custom VJP):
+all-gather dS_r once, reverse-scan it into dM_r, and pull both cotangents through the local
+computation.
 """
 
 from __future__ import annotations
@@ -14,50 +15,73 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lasp2_jax.compat import dense_cotangent, unwrap_primals
+from lasp2_jax.compat import dense_cotangent, matmul_operand_dtype, unwrap_primals
 from lasp2_jax.decay import inclusive_cumsum, is_per_dim
-from lasp2_jax.kernels.backends import Backend
 from lasp2_jax.parallel.scan import incoming_state, outgoing_cotangent
 
 _f32 = jnp.float32
 
 
 def decayed_queries(q, g):
-    """exp(b_i) * q_i with b_i = sum_{t<=i} g_t over the segment: [B, L, H, Dk] float32."""
-    q32 = q.astype(_f32)
+    """exp(b_i) * q_i with b_i = sum_{t<=i} g_t over the segment: [B, L, H, Dk] in q's dtype
+    (a matmul operand; the factor is formed in float32)."""
     if g is None:
-        return q32
+        return q
     b = inclusive_cumsum(g, axis=1)
-    return q32 * (jnp.exp(b) if is_per_dim(g) else jnp.exp(b)[..., None])
+    e = jnp.exp(b) if is_per_dim(g) else jnp.exp(b)[..., None]
+    return (q.astype(_f32) * e).astype(q.dtype)
 
 
-def total_decay(g, shape):
-    """A = exp(sum of g over the segment) as [B, H, Dk] (ones without decay)."""
+def total_log_decay(g, shape):
+    """Gamma = the sum of g over the segment as [B, H, Dk] (zeros without decay)."""
     if g is None:
-        return jnp.ones(shape, _f32)
-    total = jnp.exp(jnp.sum(g, axis=1))
+        return jnp.zeros(shape, _f32)
+    total = jnp.sum(g.astype(_f32), axis=1)
     return total if is_per_dim(g) else jnp.broadcast_to(total[..., None], shape)
 
 
-def local_segment(backend: Backend, scale: float, chunk_size: int, q, k, v, g, s_in):
-    """One rank's outputs given the state entering it.
+def total_decay(g, shape):
+    """A = exp(Gamma) as [B, H, Dk] (ones without decay)."""
+    return jnp.exp(total_log_decay(g, shape))
 
-    The chunk backend runs from a zero state (it needs nothing from the other ranks); the
-    incoming state enters through ``o += scale * (exp(b) q) S_in`` and
-    ``S_out = diag(A) S_in + M``.
 
-    Args:
-      q, k: [B, L, H, Dk]; v: [B, L, H, Dv]; g: None | [B, L, H] | [B, L, H, Dk];
-      s_in: [B, H, Dk, Dv] float32.
-    Returns:
-      o [B, L, H, Dv] (q's dtype) and S_out [B, H, Dk, Dv] float32.
+@jax.custom_vjp
+def state_product(x, s):
+    """x [B, L, H, Dk] times the state s [B, H, Dk, Dv] (float32) per head: [B, L, H, Dv]
+    float32. s enters the matmul in x's dtype with float32 accumulation (on GPU; see
+    compat.matmul_operand_dtype), and so do the two products of the backward: autodiff would
+    take them with the float32 cotangent, as float32 matmuls (at 512K tokens per H100 the
+    forward's product took 2.5 ms, where the attention took 3.6)."""
+    dt = matmul_operand_dtype(x.dtype)
+    return jnp.einsum("blhd,bhde->blhe", x.astype(dt), s.astype(dt),
+                      preferred_element_type=_f32)
+
+
+def _state_product_fwd(x, s):
+    return state_product(x, s), (x, s)
+
+
+def _state_product_bwd(res, ct):
+    x, s = res
+    dt = matmul_operand_dtype(x.dtype)
+    x_, s_, ct = x.astype(dt), s.astype(dt), ct.astype(dt)
+    dx = jnp.einsum("blhe,bhde->blhd", ct, s_, preferred_element_type=_f32)
+    ds = jnp.einsum("blhd,blhe->bhde", x_, ct, preferred_element_type=_f32)
+    return dx.astype(x.dtype), ds
+
+
+state_product.defvjp(_state_product_fwd, _state_product_bwd)
+
+
+def enter_state(o_zero, m, q, g, s_in, scale: float):
+    """A rank's outputs and outgoing state from its zero-state attention and incoming state:
+    ``o = o_zero + scale * (exp(b) q) S_in`` and ``S_out = diag(A) S_in + M``.
+
+    o_zero [B, L, H, Dv]; m [B, H, Dk, Dv] the zero-state final state M; q [B, L, H, Dk];
+    g None | [B, L, H] | [B, L, H, Dk]; s_in [B, H, Dk, Dv] float32.
+    Returns o [B, L, H, Dv] (q's dtype) and S_out [B, H, Dk, Dv] float32.
     """
-    o_zero, m = backend.chunk_attention(q, k, v, g, scale=scale, chunk_size=chunk_size)
-    # The barrier makes every use of s_in (which waits for the other ranks) come after the
-    # local attention: the scheduler then places the collective's wait after the kernels and
-    # the communication runs under them, instead of finishing first.
-    s_in, o_zero, m = jax.lax.optimization_barrier((s_in, o_zero, m))
-    o = o_zero.astype(_f32) + scale * jnp.einsum("blhd,bhde->blhe", decayed_queries(q, g), s_in)
+    o = o_zero.astype(_f32) + scale * state_product(decayed_queries(q, g), s_in)
     s_out = total_decay(g, s_in.shape[:3])[..., None] * s_in + m
     return o.astype(q.dtype), s_out
 
@@ -74,65 +98,151 @@ def gather_states(x, axis_name, splits: int = 1):
     return jnp.concatenate([jax.lax.all_gather(p, axis_name) for p in pieces], axis=-2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+# Bandwidths of the cost model of gather_overlap_pays: HBM, and a slow link between hosts
+# (the gather's worst case; NVLink inside a host is about 10x faster).
+HBM_BYTES_PER_S = 3.0e12
+LINK_BYTES_PER_S = 5.0e10
+
+
+def gather_overlap_pays(world: int, shape_q, dv: int, itemsize: int) -> bool:
+    """Whether to overlap the state gather with the local attention (True) or let the
+    gathered incoming state enter the attention kernels (False).
+
+    Overlap needs the incoming-state term as passes of its own over the local tokens (read
+    exp(b) q and o_zero, write o, and about twice that in the backward); the other way the
+    kernels take the state for free but wait for the gather (forward and backward, each W
+    states). Measured on 2 H100 at 512K tokens per device, the overlap's extra pass took 5 ms
+    of a 12.7 ms forward, while the gather, not overlapped, took 0.06 ms
+    (benchmarks/results/sp_H100_sp2_final.json).
+    The gather time assumes the slow link, so overlap wins where it could matter: short local
+    segments and many ranks.
+    """
+    B, L, H, dk = shape_q
+    extra_passes = 3 * B * L * H * (dk + 2 * dv) * itemsize
+    gathers = 2 * world * B * H * dk * (dv + 1) * 4
+    return gathers / LINK_BYTES_PER_S > extra_passes / HBM_BYTES_PER_S
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
 def lasp2_causal(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
-                 gather_splits=1):
+                 gather_splits=1, overlap=None):
     """Causal LASP-2 on one rank. Returns (o [B, L, H, Dv], final state [B, H, Dk, Dv]).
+
+    overlap: run the local attention from a zero state while the states are gathered and add
+    the incoming state's term after (True), or gather first and start the local attention
+    from the incoming state (False); None chooses by :func:`gather_overlap_pays`.
 
     The final state is the same on every rank; its cotangent is summed over ranks, which
     matches how ``shard_map`` transposes a replicated output. The initial state's cotangent
     is returned on rank 0 only, so summing over ranks gives the total.
     """
     out, _, _ = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
-                                      gather_splits)
+                                      gather_splits, overlap)
     return out
 
 
 def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, want_final,
-                      gather_splits):
+                      gather_splits, overlap):
     # symbolic_zeros: the arrays arrive as CustomVJPPrimal. A decay that is not differentiated
     # (Lightning's and RetNet's fixed decays) is closed over below, so the backends skip the
     # decay-gradient work.
     (q, k, v, g, s0), perturbed = unwrap_primals(q, k, v, g, s0)
     decay_grad = perturbed[3]
     out, pullback, decays = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size,
-                                                  backend, gather_splits, decay_grad)
+                                                  backend, gather_splits, overlap, decay_grad)
     return out, (pullback, decays, q, g)
 
 
 def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend, gather_splits,
-                          decay_grad=False):
+                          overlap, decay_grad=False):
     """Returns ((o, final state), the local pullback, the gathered segment decays)."""
-    m, log_a = backend.state_summary(k, v, g)
-    # One all-gather of the packed (M_r, Gamma_r): [W, B, H, Dk, Dv + 1].
-    packed = jnp.concatenate([m, log_a[..., None]], axis=-1)
-    gathered = gather_states(packed, axis_name, gather_splits)
-    decays, summaries = jnp.exp(gathered[..., -1]), gathered[..., :-1]
-    rank = jax.lax.axis_index(axis_name)
-    s_in, s_final = incoming_state(decays, summaries, s0.astype(_f32), rank)
-    # The local attention inside does not read the gathered data, so XLA can overlap the two.
-    local = functools.partial(local_segment, backend, scale, chunk_size)
-    if decay_grad:
-        (o, _), pullback = jax.vjp(local, q, k, v, g, s_in)
-    else:
-        (o, _), pullback_qkvs = jax.vjp(lambda q_, k_, v_, s_: local(q_, k_, v_, g, s_),
-                                        q, k, v, s_in)
-        pullback = jax.tree_util.Partial(_no_decay_cotangent, pullback_qkvs)
+    if overlap is None:
+        overlap = gather_overlap_pays(jax.lax.axis_size(axis_name), q.shape, v.shape[-1],
+                                      q.dtype.itemsize)
+
+    def attention(q_, k_, v_, g_, s_=None):
+        return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk_size,
+                                       initial_state=s_)
+
+    def gather_incoming(m):
+        """One all-gather of the packed (M_r, Gamma_r), [W, B, H, Dk, Dv + 1]; the scan."""
+        packed = jnp.concatenate([m, total_log_decay(g, m.shape[:3])[..., None]], axis=-1)
+        gathered = gather_states(packed, axis_name, gather_splits)
+        decays, summaries = jnp.exp(gathered[..., -1]), gathered[..., :-1]
+        rank = jax.lax.axis_index(axis_name)
+        return (*incoming_state(decays, summaries, s0.astype(_f32), rank), decays)
+
+    if not overlap:
+        # The summary alone first (a forward value: the custom backward below accounts for
+        # it), then the attention from the incoming state. A fixed decay is closed over: no
+        # decay-gradient work.
+        m, _ = backend.state_summary(k, v, g)
+        s_in, s_final, decays = gather_incoming(m)
+
+        def attention_from(q_, k_, v_, s_, g_):
+            return attention(q_, k_, v_, g_, s_)
+
+        (o, _), attention_pullback = _vjp(attention_from, (q, k, v, s_in), g, decay_grad)
+        pullback = jax.tree_util.Partial(_state_last, attention_pullback)
+        return (o, s_final), pullback, decays
+
+    # The rank's summary M_r is the final state of its attention from a zero state. The Pallas
+    # backend folds it from its segment summaries before its output kernel runs, so the gather
+    # waits for the summaries only and overlaps the output kernel; the summary is not computed
+    # a second time.
+    (o_zero, m), attention_pullback = _vjp(attention, (q, k, v), g, decay_grad)
+    s_in, s_final, decays = gather_incoming(m)
+    # The barrier makes every use of s_in (which waits for the other ranks) come after the
+    # local attention: the scheduler then places the collective's wait after the kernels and
+    # the communication runs under them, instead of finishing first.
+    s_in, o_zero, m = jax.lax.optimization_barrier((s_in, o_zero, m))
+
+    def enter(o_, m_, q_, s_, g_):
+        return enter_state(o_, m_, q_, g_, s_, scale)
+
+    (o, _), enter_pullback = _vjp(enter, (o_zero, m, q, s_in), g, decay_grad)
+    pullback = jax.tree_util.Partial(_local_cotangents, attention_pullback, enter_pullback)
     return (o, s_final), pullback, decays
 
 
-def _no_decay_cotangent(pullback_qkvs, cts):
-    """The pullback of a fixed decay: (dq, dk, dv, None, ds_in)."""
-    dq, dk, dv, ds = pullback_qkvs(cts)
-    return dq, dk, dv, None, ds
+def _state_last(attention_pullback, cts):
+    """(dq, dk, dv, dg, ds_in) from the pullback of the attention from the incoming state."""
+    dq, dk, dv, ds_in, dg = attention_pullback(cts)
+    return dq, dk, dv, dg, ds_in
 
 
-def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, res,
-                      cts):
+def _vjp(fn, args, g, decay_grad: bool):
+    """jax.vjp of fn(*args, g); without decay_grad g is closed over and the pullback's last
+    cotangent is None."""
+    if decay_grad:
+        return jax.vjp(fn, *args, g)
+    out, pullback = jax.vjp(lambda *a: fn(*a, g), *args)
+    return out, jax.tree_util.Partial(_no_decay_cotangent, pullback)
+
+
+def _no_decay_cotangent(pullback, cts):
+    return (*pullback(cts), None)
+
+
+def _add(a, b):
+    return a if b is None else b if a is None else a + b
+
+
+def _local_cotangents(attention_pullback, enter_pullback, cts):
+    """(dq, dk, dv, dg, ds_in) of the rank's local computation, given (do, dS_out)."""
+    d_o_zero, d_m, dq_enter, ds_in, dg_enter = enter_pullback(cts)
+    dq, dk, dv, dg = attention_pullback((d_o_zero, d_m))
+    return dq + dq_enter, dk, dv, _add(dg, dg_enter), ds_in
+
+
+def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, overlap,
+                      res, cts):
     pullback, decays, q, g = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
-    ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g), do.astype(_f32))
+    dt = matmul_operand_dtype(q.dtype)
+    ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g).astype(dt), do.astype(dt),
+                            preferred_element_type=_f32)
     if want_final:
         gathered = gather_states(jnp.stack([ds, d_final.astype(_f32)]), axis_name, gather_splits)
         state_grads, final_grad = gathered[:, 0], jnp.sum(gathered[:, 1], axis=0)
@@ -147,7 +257,7 @@ def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_
 
 lasp2_causal.defvjp(_lasp2_causal_fwd, _lasp2_causal_bwd, symbolic_zeros=True)
 # Eager shard_map refuses a custom_vjp with symbolic zeros; called through jit it is fine.
-lasp2_causal = jax.jit(lasp2_causal, static_argnums=(5, 6, 7, 8, 9, 10))
+lasp2_causal = jax.jit(lasp2_causal, static_argnums=(5, 6, 7, 8, 9, 10, 11))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
