@@ -1,11 +1,14 @@
 """LASP-2 for linear attention, in local view (call inside ``shard_map`` over ``axis_name``).
 
-Forward on rank r (DESIGN.md §1): run the local chunked attention from a zero state, whose
-final state is the summary M_r; all-gather the packed (M_r, Gamma_r) once, while the local
-outputs are still being computed; then the exclusive scan over ranks gives the incoming state
-S_r and one [L, Dk] x [Dk, Dv] product per head adds its contribution. Backward (custom VJP):
-all-gather dS_r once, reverse-scan it into dM_r, and pull both cotangents through the local
-computation.
+Forward on rank r (DESIGN.md §1): all-gather the packed summaries (M_r, Gamma_r) once; the
+exclusive scan over ranks gives the incoming state S_r. Two forms (``lasp2_causal``'s
+``overlap``, chosen by :func:`gather_overlap_pays`):
+- overlapped, as in the paper: the local chunked attention runs from a zero state (its final
+  state is M_r) while the gather is in flight, then one [L, Dk] x [Dk, Dv] product per head
+  adds S_r's contribution (:func:`enter_state`);
+- state first: the summary alone, the gather, then the attention kernels start from S_r.
+Backward (custom VJP): all-gather dS_r once, reverse-scan it into dM_r, and pull both
+cotangents through the local computation.
 """
 
 from __future__ import annotations
@@ -49,9 +52,8 @@ def total_decay(g, shape):
 def state_product(x, s):
     """x [B, L, H, Dk] times the state s [B, H, Dk, Dv] (float32) per head: [B, L, H, Dv]
     float32. s enters the matmul in x's dtype with float32 accumulation (on GPU; see
-    compat.matmul_operand_dtype), and so do the two products of the backward: autodiff would
-    take them with the float32 cotangent, as float32 matmuls (at 512K tokens per H100 the
-    forward's product took 2.5 ms, where the attention took 3.6)."""
+    compat.matmul_operand_dtype), and so do the two products of the backward, where autodiff
+    would take them with the float32 cotangent, as float32 matmuls."""
     dt = matmul_operand_dtype(x.dtype)
     return jnp.einsum("blhd,bhde->blhe", x.astype(dt), s.astype(dt),
                       preferred_element_type=_f32)
