@@ -3,7 +3,9 @@
 A backend supplies three differentiable functions with the signatures of
 :mod:`lasp2_jax.kernels.xla`: ``chunk_attention`` (causal, optional initial state, returns the
 output and the final state), ``state_summary`` (the LASP-2 summary) and ``full_attention``
-(bidirectional).
+(bidirectional). Optionally, ``segment_summaries`` returns the forward values of the summaries
+its ``chunk_attention`` computes first (which then takes them back, so that LASP-2 computes
+them once) and their fold, the LASP-2 summary.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Backend:
     chunk_attention: Callable
     state_summary: Callable
     full_attention: Callable
+    segment_summaries: Callable | None = None
 
 
 def resolve_backend_name(backend: str) -> str:

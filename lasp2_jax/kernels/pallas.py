@@ -151,14 +151,19 @@ def _prepare(q, k, v, g, s0, plan: _Plan):
     return q, k, v, bf, cnt, fast, a, s0
 
 
-def _forward(q, k, v, g, s0, scale: float, plan: _Plan, decay_grad: bool):
+def _segment_summary(k, v, bf, cnt, plan: _Plan, decay_grad: bool):
+    """The per-segment summaries [B, H, S, Dk, Dv] of padded k, v (the summary kernel)."""
+    return pallas_forward.segment_summary(
+        k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=k.shape[2],
+        block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
+
+
+def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     q, k, v, bf, cnt, fast, a, s0 = _prepare(q, k, v, g, s0, plan)
     if plan.segments > 1:
-        m = pallas_forward.segment_summary(
-            k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-            block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
+        m = _segment_summary(k, v, bf, cnt, plan, decay_grad) if m_given is None else m_given
     else:
         m = jnp.zeros((B, H, 1, plan.dk, plan.dv), _f32)
     o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, mode=plan.mode,
@@ -168,18 +173,18 @@ def _forward(q, k, v, g, s0, scale: float, plan: _Plan, decay_grad: bool):
     return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunk_attention(q, k, v, g, s0, scale, plan):
-    o, final, _ = _forward(q, k, v, g, s0, scale, plan, decay_grad=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _chunk_attention(q, k, v, g, s0, m_given, scale, plan):
+    o, final, _ = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad=False)
     return o, final
 
 
-def _chunk_attention_fwd(q, k, v, g, s0, scale, plan):
+def _chunk_attention_fwd(q, k, v, g, s0, m_given, scale, plan):
     # symbolic_zeros: the arrays arrive as CustomVJPPrimal. A decay that is not differentiated
     # (Lightning's and RetNet's fixed decays) spares the backward its decay-gradient work.
-    (q, k, v, g, s0), perturbed = unwrap_primals(q, k, v, g, s0)
+    (q, k, v, g, s0, m_given), perturbed = unwrap_primals(q, k, v, g, s0, m_given)
     decay_grad = perturbed[3]
-    o, final, res = _forward(q, k, v, g, s0, scale, plan, decay_grad)
+    o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
     # The flag travels in the residuals' structure: () when the decay gradient is wanted.
     return (o, final), (res, () if decay_grad else None)
 
@@ -218,12 +223,14 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
         else:
             dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
             dg = dg[:, :T, :, :Dk]
-    return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv])
+    # given summaries are a function of k, v and g, whose cotangents above are complete
+    return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv],
+            None)
 
 
 _chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd, symbolic_zeros=True)
 # Called through jit: eager shard_map refuses a custom_vjp with symbolic zeros, a jit is fine.
-_chunk_attention_jit = jax.jit(_chunk_attention, static_argnums=(5, 6))
+_chunk_attention_jit = jax.jit(_chunk_attention, static_argnums=(6, 7))
 
 
 def _mode(log_decay) -> str:
@@ -233,7 +240,8 @@ def _mode(log_decay) -> str:
 
 
 def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size: int = 64,
-                           initial_state=None, config: Config = DEFAULT_CONFIG):
+                           initial_state=None, config: Config = DEFAULT_CONFIG,
+                           segment_summaries=None):
     """Causal linear attention over one device's segment, as Pallas kernels.
 
     Args:
@@ -244,6 +252,8 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
         T need not be a multiple; Dk and Dv need not be powers of two (padded inside).
       initial_state: [B, H, Dk, Dv] float32 or None (zeros).
       config: block sizes of the kernels.
+      segment_summaries: the first output of :func:`segment_summaries` for the same k, v,
+        log_decay, chunk_size and config, which this call then does not compute again.
     Returns:
       o [B, T, H, Dv] in q's dtype, and the final state [B, H, Dk, Dv] float32.
     """
@@ -256,7 +266,7 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
     g = None if log_decay is None else log_decay.astype(_f32)
     k = k.astype(q.dtype)
     v = v.astype(q.dtype)
-    return _chunk_attention_jit(q, k, v, g, s0, float(scale), plan)
+    return _chunk_attention_jit(q, k, v, g, s0, segment_summaries, float(scale), plan)
 
 
 def _summary_by_attention(k, v, g, config):
@@ -264,20 +274,44 @@ def _summary_by_attention(k, v, g, config):
     return chunk_linear_attention(jnp.zeros_like(k), k, v, g, scale=1.0, config=config)[1]
 
 
-def _summary_value(k, v, g, config, decay_grad: bool):
-    """M [B, H, Dk, Dv]: the summary kernel per segment, folded over the segments."""
+def _summaries_and_fold(k, v, g, config, decay_grad: bool, chunk_size: int = 64):
+    """The summary kernel per segment ([B, H, S, Dk, Dv], padded) and M [B, H, Dk, Dv], their
+    fold over the segments."""
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
-    plan = _plan(B, T, H, Dk, Dv, _mode(g), 64, config)
+    plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
     s0 = jnp.zeros((B, H, Dk, Dv), _f32)
     k, _, v, bf, cnt, _, a, _ = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
-    m = pallas_forward.segment_summary(
-        k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-        block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
+    m = _segment_summary(k, v, bf, cnt, plan, decay_grad)
     acc = m[:, :, 0]
     for s in range(1, plan.segments):  # (A1, M1) o (A2, M2) = (A1 A2, A2 M1 + M2)
         acc = a[:, :, s, :, None] * acc + m[:, :, s]
-    return acc[:, :, :Dk, :Dv]
+    return m, acc[:, :, :Dk, :Dv]
+
+
+def _summary_value(k, v, g, config, decay_grad: bool):
+    """M [B, H, Dk, Dv]: the summary kernel per segment, folded over the segments."""
+    return _summaries_and_fold(k, v, g, config, decay_grad)[1]
+
+
+def segment_summaries(k, v, log_decay=None, *, chunk_size: int = 64, decay_grad: bool = False,
+                      config: Config = DEFAULT_CONFIG):
+    """The segment summaries that :func:`chunk_linear_attention` computes first, to compute
+    them once where the caller also needs their fold (LASP-2 gathers it).
+
+    Args:
+      k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk].
+      chunk_size, config: those the attention will be called with.
+      decay_grad: the attention's log-decay gradient will be taken (the summaries then take
+        the operands the attention's own would).
+    Returns:
+      the summaries (pass them as the attention's ``segment_summaries``) and M [B, H, Dk, Dv]
+      float32, the state after the last token from a zero state. Forward values only: the
+      inputs pass through stop_gradient.
+    """
+    k, v = jax.lax.stop_gradient((k, v.astype(k.dtype)))
+    g = None if log_decay is None else jax.lax.stop_gradient(log_decay.astype(_f32))
+    return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -340,4 +374,5 @@ def full_linear_attention(q, k, v, *, scale: float, initial_state=None):
     return o.astype(q.dtype), state
 
 
-BACKEND = Backend("pallas", chunk_linear_attention, state_summary, full_linear_attention)
+BACKEND = Backend("pallas", chunk_linear_attention, state_summary, full_linear_attention,
+                  segment_summaries)

@@ -162,10 +162,6 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
         overlap = gather_overlap_pays(jax.lax.axis_size(axis_name), q.shape, v.shape[-1],
                                       q.dtype.itemsize)
 
-    def attention(q_, k_, v_, g_, s_=None):
-        return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk_size,
-                                       initial_state=s_)
-
     def gather_incoming(m):
         """One all-gather of the packed (M_r, Gamma_r), [W, B, H, Dk, Dv + 1]; the scan."""
         packed = jnp.concatenate([m, total_log_decay(g, m.shape[:3])[..., None]], axis=-1)
@@ -177,12 +173,20 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
     if not overlap:
         # The summary alone first (a forward value: the custom backward below accounts for
         # it), then the attention from the incoming state. A fixed decay is closed over: no
-        # decay-gradient work.
-        m, _ = backend.state_summary(k, v, g)
+        # decay-gradient work. Where the backend can, the attention takes back the segment
+        # summaries behind M_r instead of computing them again.
+        reuse = {}
+        if backend.segment_summaries is not None:
+            summaries, m = backend.segment_summaries(k, v, g, chunk_size=chunk_size,
+                                                     decay_grad=decay_grad)
+            reuse = dict(segment_summaries=summaries)
+        else:
+            m, _ = backend.state_summary(k, v, g)
         s_in, s_final, decays = gather_incoming(m)
 
         def attention_from(q_, k_, v_, s_, g_):
-            return attention(q_, k_, v_, g_, s_)
+            return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk_size,
+                                           initial_state=s_, **reuse)
 
         (o, _), attention_pullback = _vjp(attention_from, (q, k, v, s_in), g, decay_grad)
         pullback = jax.tree_util.Partial(_state_last, attention_pullback)
@@ -192,6 +196,9 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
     # backend folds it from its segment summaries before its output kernel runs, so the gather
     # waits for the summaries only and overlaps the output kernel; the summary is not computed
     # a second time.
+    def attention(q_, k_, v_, g_):
+        return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk_size)
+
     (o_zero, m), attention_pullback = _vjp(attention, (q, k, v), g, decay_grad)
     s_in, s_final, decays = gather_incoming(m)
     # The barrier makes every use of s_in (which waits for the other ranks) come after the
