@@ -150,6 +150,24 @@ def test_fixed_decay_gradients(form):
         assert _rel(a, b) < 1e-4, (name, _rel(a, b))
 
 
+def test_summaries_given_back_match_and_are_checked():
+    """The attention given segment_summaries' summaries equals the attention alone; summaries
+    of another shape (another chunk size) are refused with the shape they need."""
+    B, T, H, D = 1, 100, 2, 16
+    q, k, v, g, _ = _inputs(B, T, H, D, D, "scalar", resets=True)
+    summaries, m = pallas.segment_summaries(k, v, g, chunk_size=16)
+    o, final = pallas.chunk_linear_attention(q, k, v, g, scale=0.5, chunk_size=16,
+                                             segment_summaries=summaries)
+    o_ref, final_ref = pallas.chunk_linear_attention(q, k, v, g, scale=0.5, chunk_size=16)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(final), np.asarray(final_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(final_ref), rtol=1e-5, atol=1e-5)
+    other, _ = pallas.segment_summaries(k, v, g, chunk_size=64)
+    with pytest.raises(ValueError, match="segment_summaries has shape"):
+        pallas.chunk_linear_attention(q, k, v, g, scale=0.5, chunk_size=16,
+                                      segment_summaries=other)
+
+
 def test_one_segment_and_default_state():
     """A single segment per head (no summary kernels), no initial state, bf16 inputs."""
     B, T, H, Dk, Dv = 1, 50, 2, 16, 16

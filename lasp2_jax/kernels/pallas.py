@@ -266,6 +266,11 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
     g = None if log_decay is None else log_decay.astype(_f32)
     k = k.astype(q.dtype)
     v = v.astype(q.dtype)
+    want = (B, H, plan.segments, plan.dk, plan.dv)
+    if segment_summaries is not None and tuple(segment_summaries.shape) != want:
+        raise ValueError(f"segment_summaries has shape {tuple(segment_summaries.shape)}; this "
+                         f"call's segments need {want}: pass those of segment_summaries() for "
+                         "the same k, v, log_decay, chunk_size and config")
     return _chunk_attention_jit(q, k, v, g, s0, segment_summaries, float(scale), plan)
 
 
