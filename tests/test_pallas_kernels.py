@@ -89,7 +89,9 @@ def difference_dg(monkeypatch):
     jax.clear_caches()
 
 
-SCALAR_CASES = [c for c in CASES if c[2] in ("scalar", "strong")]
+# The older form is the alternative, not the default: its hardest cases (resets over two
+# segments, strong decays) keep it tested at a fraction of the suite's time.
+SCALAR_CASES = [c for c in CASES if c[0] in ("scalar-resets-c64", "scalar-strong")]
 
 
 @pytest.mark.parametrize("case", SCALAR_CASES, ids=[c[0] for c in SCALAR_CASES])
