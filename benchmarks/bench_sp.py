@@ -1,8 +1,11 @@
-"""Sequence-parallel attention benchmark: LASP-2 against LASP-1, linear attention over
-all-gathered K and V, and softmax Ring / all-gather (LASP-2H) attention; gather splits; and the
-share of the all-gather hidden behind the local attention.
+"""Sequence-parallel attention benchmark: LASP-2 (as linear_attention runs it, and each of its
+two forms forced), LASP-1, linear attention over all-gathered K and V, and softmax Ring /
+all-gather (LASP-2H) attention; gather splits; and, at the --overlap-at lengths, the share of
+the all-gather hidden behind the local attention, from timings and from a profiler trace of
+each LASP-2 form (collective, exposed and compute milliseconds, top kernels).
 
-One layer shaped like Linear-Llama3-1B (H=16, D=128), bf16, causal, forward+backward medians.
+One layer shaped like Linear-Llama3-1B (H=16, D=128), bf16, causal: forward+backward and
+forward medians.
 
   python benchmarks/bench_sp.py --sp 4                     # on a 4-GPU machine
   python benchmarks/bench_sp.py --quick                    # CPU dry run on 8 fake devices
