@@ -286,12 +286,9 @@ def _summaries_and_fold(k, v, g, config, decay_grad: bool, chunk_size: int = 64)
     Dv = v.shape[-1]
     plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
     s0 = jnp.zeros((B, H, Dk, Dv), _f32)
-    k, _, v, bf, cnt, _, a, _ = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
+    k, _, v, bf, cnt, _, a, s0 = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
     m = _segment_summary(k, v, bf, cnt, plan, decay_grad)
-    acc = m[:, :, 0]
-    for s in range(1, plan.segments):  # (A1, M1) o (A2, M2) = (A1 A2, A2 M1 + M2)
-        acc = a[:, :, s, :, None] * acc + m[:, :, s]
-    return m, acc[:, :, :Dk, :Dv]
+    return m, pallas_forward.fold_summaries(s0, a, m)[:, :, :Dk, :Dv]
 
 
 def _summary_value(k, v, g, config, decay_grad: bool):

@@ -547,10 +547,15 @@ def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float
         name="lasp2_chunk_attention_fwd",
     )(q, k, v, *dargs, s0, m, a)
     if S > 1:
-        # The fold of the entry states over every segment's summary, outside the kernel: the
-        # final state then waits for the summaries only, not for the outputs (LASP-2 gathers
-        # it as the rank's summary while the output kernel runs).
-        final = s0
-        for s in range(S):
-            final = a[:, :, s, :, None] * final + m[:, :, s]
+        # Outside the kernel: the final state then waits for the summaries only, not for the
+        # outputs (LASP-2 gathers it as the rank's summary while the output kernel runs).
+        final = fold_summaries(s0, a, m)
     return o, final
+
+
+def fold_summaries(state, a, m):
+    """The state after every segment, from ``state`` [B, H, Dk, Dv] entering the first:
+    S <- diag(A_s) S + M_s over a [B, H, S, Dk] and m [B, H, S, Dk, Dv]."""
+    for s in range(m.shape[2]):
+        state = a[:, :, s, :, None] * state + m[:, :, s]
+    return state
