@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -41,7 +42,7 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-CASE_OPTIONS = ("none", "full", "dots", "fsdp")
+CASE_OPTIONS = ("none", "full", "dots", "fsdp")  # and mlpN: N MLP token groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +53,19 @@ class Case:
     seq_len: int
     remat: str | None = None  # "none" | "full" | "dots"; None: the base config's (full)
     fsdp: bool = False  # params, gradients and optimizer state sharded over the sp ranks
+    mlp_chunks: int | None = None  # MLP token groups; None: --mlp-chunks or one per 64K
 
     @classmethod
     def parse(cls, text: str) -> Case:
         model, sp, seq_len, *options = text.split(":")
-        bad = [o for o in options if o not in CASE_OPTIONS]
-        if model not in VARIANTS or bad:
+        mlp = [o for o in options if re.fullmatch(r"mlp[1-9][0-9]*", o)]
+        bad = [o for o in options if o not in CASE_OPTIONS and o not in mlp]
+        if model not in VARIANTS or bad or len(mlp) > 1:
             raise SystemExit(f"case {text!r}: model must be one of {sorted(VARIANTS)} and "
-                             f"options among {CASE_OPTIONS}")
+                             f"options among {CASE_OPTIONS} or one mlpN")
         remat = next((o for o in options if o in ("none", "full", "dots")), None)
-        return cls(model, int(sp), int(seq_len), remat, "fsdp" in options)
+        return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
+                   int(mlp[0][3:]) if mlp else None)
 
     def model_config(self, base: dict, mlp_chunks: int | None = None) -> ModelConfig:
         variant = dict(VARIANTS[self.model])
@@ -69,7 +73,8 @@ class Case:
             variant["n_kv_heads"] = base["n_heads"] // 2
         # Long local sequences: the MLP over token groups of <= 64K (its [T, 8192]
         # intermediates dominate the peak otherwise).
-        variant["mlp_chunks"] = mlp_chunks or max(1, self.seq_len // self.sp // 65536)
+        variant["mlp_chunks"] = (self.mlp_chunks or mlp_chunks
+                                 or max(1, self.seq_len // self.sp // 65536))
         if self.remat:
             variant["remat"] = self.remat
         return ModelConfig(**{**base, **variant})
@@ -156,9 +161,10 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:none|full|dots][:fsdp],... run just these, in order "
-                         "(else the full sweep); remat policy (default full); fsdp shards "
-                         "params and optimizer state over the sp ranks")
+                    help="model:sp:tokens[:none|full|dots][:fsdp][:mlpN],... run just these, "
+                         "in order (else the full sweep); remat policy (default full); fsdp "
+                         "shards params and optimizer state over the sp ranks; mlpN runs the "
+                         "MLP over N token groups")
     ap.add_argument("--mlp-chunks", type=int, default=None,
                     help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
