@@ -170,6 +170,20 @@ def test_summaries_given_back_match_and_are_checked():
                                       segment_summaries=other)
 
 
+@pytest.mark.parametrize("form", ["none", "scalar", "per_dim"])
+def test_state_gradient_matches_initial_state_cotangent(form):
+    """state_gradient equals the oracle's initial-state cotangent when the final state's
+    cotangent is zero (several segments, resets)."""
+    B, T, H, Dk, Dv = 1, 120, 2, 24, 20
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form != "none")
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    scale = Dk ** -0.5
+    ds = pallas.state_gradient(q, do, g, scale=scale, chunk_size=16)
+    want = _reference_vjp(q, k, v, g, s0, scale, do, np.zeros_like(s0))[6]
+    assert ds.shape == want.shape
+    assert _rel(ds, want) < 1e-4
+
+
 def test_one_segment_and_default_state():
     """A single segment per head (no summary kernels), no initial state, bf16 inputs."""
     B, T, H, Dk, Dv = 1, 50, 2, 16, 16

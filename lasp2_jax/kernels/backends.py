@@ -5,7 +5,9 @@ A backend supplies three differentiable functions with the signatures of
 output and the final state), ``state_summary`` (the LASP-2 summary) and ``full_attention``
 (bidirectional). Optionally, ``segment_summaries`` returns the forward values of the summaries
 its ``chunk_attention`` computes first (which then takes them back, so that LASP-2 computes
-them once) and their fold, the LASP-2 summary.
+them once) and their fold, the LASP-2 summary; and ``state_gradient`` returns the cotangent of
+the attention's initial state from its outputs' cotangent by the same kernel call that the
+attention's backward makes (so that XLA merges the two in LASP-2's backward).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Backend:
     state_summary: Callable
     full_attention: Callable
     segment_summaries: Callable | None = None
+    state_gradient: Callable | None = None
 
 
 def resolve_backend_name(backend: str) -> str:

@@ -316,6 +316,34 @@ def segment_summaries(k, v, log_decay=None, *, chunk_size: int = 64, decay_grad:
     return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
 
 
+def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
+                   decay_grad: bool = False, config: Config = DEFAULT_CONFIG):
+    """The cotangent that the outputs' cotangent ``do`` sends to the state entering the
+    sequence, ``scale * sum_i (q_i exp(b_i))^T do_i`` ([B, H, Dk, Dv] float32), from the same
+    backward summary kernel, on the same operands, as the backward of
+    :func:`chunk_linear_attention` with these arguments: where both are in one program, XLA
+    keeps one of the two identical kernel calls. (LASP-2 gathers this cotangent before that
+    backward can run.)
+
+    Args:
+      q: [B, T, H, Dk]; do: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk].
+      scale, chunk_size, config: those of the attention; decay_grad: whether its log-decay
+        gradient is taken.
+    Forward values only: the inputs pass through stop_gradient.
+    """
+    q, do = jax.lax.stop_gradient((q, do.astype(q.dtype)))
+    g = None if log_decay is None else jax.lax.stop_gradient(log_decay.astype(_f32))
+    B, T, H, Dk = q.shape
+    Dv = do.shape[-1]
+    plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
+    # The attention's forward pads q, its backward pads do: the same ops on the same arrays.
+    q, _, do, bf, cnt, _, a, zero = _prepare(q, q, do, g, jnp.zeros((B, H, Dk, Dv), _f32), plan)
+    dm = pallas_forward.segment_summary(
+        q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
+        block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
+    return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _summary(k, v, g, config):
     return _summary_value(k, v, g, config, decay_grad=False)
@@ -377,4 +405,4 @@ def full_linear_attention(q, k, v, *, scale: float, initial_state=None):
 
 
 BACKEND = Backend("pallas", chunk_linear_attention, state_summary, full_linear_attention,
-                  segment_summaries)
+                  segment_summaries, state_gradient)

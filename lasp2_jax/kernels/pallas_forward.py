@@ -553,9 +553,14 @@ def forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, *, mode: str, scale: float
     return o, final
 
 
-def fold_summaries(state, a, m):
+def fold_summaries(state, a, m, reverse: bool = False):
     """The state after every segment, from ``state`` [B, H, Dk, Dv] entering the first:
-    S <- diag(A_s) S + M_s over a [B, H, S, Dk] and m [B, H, S, Dk, Dv]."""
-    for s in range(m.shape[2]):
+    S <- diag(A_s) S + M_s over a [B, H, S, Dk] and m [B, H, S, Dk, Dv].
+
+    reverse: the backward's fold, from the last segment to the first. With ``state`` the
+    cotangent of the state leaving the last segment and m the backward summaries, the result
+    is the cotangent of the state entering the first."""
+    order = range(m.shape[2] - 1, -1, -1) if reverse else range(m.shape[2])
+    for s in order:
         state = a[:, :, s, :, None] * state + m[:, :, s]
     return state

@@ -152,15 +152,22 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     decay_grad = perturbed[3]
     out, pullback, decays = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size,
                                                   backend, gather_splits, overlap, decay_grad)
-    return out, (pullback, decays, q, g)
+    # The flag travels in the residuals' structure: () when the decay gradient is taken.
+    return out, (pullback, decays, q, g, () if decay_grad else None)
+
+
+def _overlapped(overlap, axis_name, q, v) -> bool:
+    """``overlap``, or where None the choice of :func:`gather_overlap_pays`."""
+    if overlap is None:
+        return gather_overlap_pays(jax.lax.axis_size(axis_name), q.shape, v.shape[-1],
+                                   q.dtype.itemsize)
+    return overlap
 
 
 def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend, gather_splits,
                           overlap, decay_grad=False):
     """Returns ((o, final state), the local pullback, the gathered segment decays)."""
-    if overlap is None:
-        overlap = gather_overlap_pays(jax.lax.axis_size(axis_name), q.shape, v.shape[-1],
-                                      q.dtype.itemsize)
+    overlap = _overlapped(overlap, axis_name, q, v)
 
     def gather_incoming(m):
         """One all-gather of the packed (M_r, Gamma_r), [W, B, H, Dk, Dv + 1]; the scan."""
@@ -246,12 +253,18 @@ def _local_cotangents(attention_pullback, enter_pullback, cts):
 
 def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, overlap,
                       res, cts):
-    pullback, decays, q, g = res
+    pullback, decays, q, g, decay_grad = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
-    dt = matmul_operand_dtype(q.dtype)
-    ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g).astype(dt), do.astype(dt),
-                            preferred_element_type=_f32)
+    if backend.state_gradient is not None and not _overlapped(overlap, axis_name, q, do):
+        # The attention ran from S_r: its backward below computes the same sum, by the same
+        # kernel call on the same operands, which XLA then runs once.
+        ds = backend.state_gradient(q, do, g, scale=scale, chunk_size=chunk_size,
+                                    decay_grad=decay_grad is not None)
+    else:
+        dt = matmul_operand_dtype(q.dtype)
+        ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g).astype(dt),
+                                do.astype(dt), preferred_element_type=_f32)
     if want_final:
         gathered = gather_states(jnp.stack([ds, d_final.astype(_f32)]), axis_name, gather_splits)
         state_grads, final_grad = gathered[:, 0], jnp.sum(gathered[:, 1], axis=0)
