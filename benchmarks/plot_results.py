@@ -2,10 +2,10 @@
 
     python benchmarks/plot_results.py --card H100
 
-Reads benchmarks/results/sp_<card>_*.json (bench_sp.py) and train_<card>_*.json
-(bench_train.py) and writes sp_<card>_fig3.png (tokens/s against sequence length per method,
-like LASP-2's Figure 3) and train_<card>_table6.png (Linear-Llama3-1B throughput, memory and
-weak scaling, like its Table 6).
+Reads the files named in SP_FILES (benchmarks/results/sp_<card>_<name>.json, bench_sp.py) and
+TRAIN_FILES (train_<card>_<name>.json, bench_train.py) and writes sp_<card>_fig3.png (tokens/s
+against sequence length per method, like LASP-2's Figure 3) and train_<card>_table6.png
+(Linear-Llama3-1B throughput, memory and weak-scaling efficiency, like its Table 6).
 """
 
 from __future__ import annotations
@@ -38,8 +38,18 @@ def _rows(pattern):
     return list(rows.values())
 
 
+# The layer results drawn, oldest first: a later file's row replaces an earlier one's for the
+# same method, SP and length, so each line shows the newest run that measured it.
+SP_FILES = ("sp2", "sp2_final", "sp2_state_grad", "sp4", "sp4_splits_256k", "sp4_1m",
+            "sp4_final", "sp4_state_grad")
+
+
 def plot_sp(card):
-    rows = _rows(f"sp_{card}_*.json")
+    rows = [r for name in SP_FILES for r in _rows(f"sp_{card}_{name}.json")]
+    # One line per method; the gather-split ablation and the forced forms of LASP-2 are in
+    # the README's tables.
+    rows = list({(r["method"], r["sp"], r["T"]): r for r in rows
+                 if not r["method"].startswith("lasp2_")}.values())
     sps = sorted({r["sp"] for r in rows})
     fig, axes = plt.subplots(1, len(sps), figsize=(6.5 * len(sps), 4.5), squeeze=False)
     for ax, sp in zip(axes[0], sps, strict=True):
@@ -52,23 +62,28 @@ def plot_sp(card):
                ylabel="tokens/s (fwd+bwd, one layer)", title=f"{card} x{sp}, H=16 D=128 bf16")
         ax.legend(fontsize=8)
         if sp == 4:
-            ax.text(0.01, 0.01, "below 1M: the inputs' copy onto the GPUs is inside the timing "
-                    "(README)", transform=ax.transAxes, fontsize=7, color="gray")
+            ax.text(0.01, 0.01, "all-gathered K,V and softmax below 1M: earlier runs, the "
+                    "inputs' copy inside the timing (README)", transform=ax.transAxes,
+                    fontsize=7, color="gray")
     fig.tight_layout()
     path = os.path.join(RESULTS, f"sp_{card}_fig3.png")
     fig.savefig(path, dpi=110)
     return path
 
 
-# The training results of the current code (the output-layer change of the logits' backward
-# and the embedding gradient moved every number; older files are kept for their notes).
+# The training results drawn, oldest first (a later file's row replaces an earlier one's for
+# the same case); the weak-scaling panel uses one run only.
 TRAIN_FILES = ("output_layer_after", "weak_64k_after", "sp2_2m_after", "1m_after",
-               "hybrid_flash")
+               "hybrid_flash", "sp4_table6_state_first", "weak_256k", "sp4_2m_fsdp_state_first")
+WEAK_FILE = "weak_256k"
 
 
 def plot_train(card):
     rows = [r for name in TRAIN_FILES for r in _rows(f"train_{card}_{name}.json")
             if not r.get("xla_flags")]
+    rows = list({(r["model"], r.get("remat", "full"), bool(r.get("fsdp")), r["sp"],
+                  r["seq_len"]): r for r in rows}.values())
+    weak = _rows(f"train_{card}_{WEAK_FILE}.json")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model and r["sp"] == 4
@@ -82,18 +97,21 @@ def plot_train(card):
                      if r.get("program_memory_gb"))
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=f"{model}, SP=4")
-    for per_gpu in (16384, 65536):
-        pts = sorted((r["sp"], r["tokens_per_s_per_gpu"]) for r in rows
+    for per_gpu in (65536, 262144):
+        pts = sorted((r["sp"], r["tokens_per_s_per_gpu"]) for r in weak
                      if r["model"] == "pure" and r.get("remat", "full") == "full"
                      and not r.get("fsdp") and r["seq_len"] == per_gpu * r["sp"])
-        if pts:
-            axes[2].plot(*zip(*pts), marker="o", label=f"{per_gpu // 1024}K tokens per GPU")
+        if pts and pts[0][0] == 1:  # efficiency: tokens/s per GPU over SP=1's
+            axes[2].plot([sp for sp, _ in pts], [t / pts[0][1] for _, t in pts], marker="o",
+                         label=f"{per_gpu // 1024}K tokens per GPU")
+    axes[2].axhline(0.95, color="gray", lw=0.8, ls="--")  # the goal
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU",
                 title=f"Linear-Llama3-1B, {card}")
     axes[1].axhline(80, color="gray", lw=0.8, ls="--")  # the card's memory
     axes[1].set(xscale="log", xlabel="sequence length", ylabel="memory per GPU (GB)",
                 ylim=(0, 85))
-    axes[2].set(xlabel="SP (GPUs)", ylabel="tokens/s per GPU", title="weak scaling, pure",
+    axes[2].set(xlabel="SP (GPUs)", ylabel="weak-scaling efficiency", ylim=(0.8, 1.01),
+                title=f"weak scaling, pure ({WEAK_FILE})",
                 xticks=[1, 2, 4])
     for ax in axes:
         ax.legend(fontsize=8)
