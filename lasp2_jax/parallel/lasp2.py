@@ -8,7 +8,8 @@ exclusive scan over ranks gives the incoming state S_r. Two forms (``lasp2_causa
   adds S_r's contribution (:func:`enter_state`);
 - state first: the summary alone, the gather, then the attention kernels start from S_r.
 Backward (custom VJP): all-gather dS_r once, reverse-scan it into dM_r, and pull both
-cotangents through the local computation.
+cotangents through the local computation. In the state-first form a backend with a
+``state_gradient`` gives dS_r by the kernel call that the local backward makes anyway.
 """
 
 from __future__ import annotations
