@@ -42,7 +42,7 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-CASE_OPTIONS = ("none", "full", "dots", "fsdp")  # and mlpN: N MLP token groups
+CASE_OPTIONS = ("none", "full", "dots", "mixer", "fsdp")  # and mlpN: N MLP token groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Case:
     model: str  # a key of VARIANTS
     sp: int
     seq_len: int
-    remat: str | None = None  # "none" | "full" | "dots"; None: the base config's (full)
+    remat: str | None = None  # "none" | "full" | "dots" | "mixer"; None: the base config's (full)
     fsdp: bool = False  # params, gradients and optimizer state sharded over the sp ranks
     mlp_chunks: int | None = None  # MLP token groups; None: --mlp-chunks or one per 64K
 
@@ -63,7 +63,7 @@ class Case:
         if model not in VARIANTS or bad or len(mlp) > 1:
             raise SystemExit(f"case {text!r}: model must be one of {sorted(VARIANTS)} and "
                              f"options among {CASE_OPTIONS} or one mlpN")
-        remat = next((o for o in options if o in ("none", "full", "dots")), None)
+        remat = next((o for o in options if o in ("none", "full", "dots", "mixer")), None)
         return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
                    int(mlp[0][3:]) if mlp else None)
 
@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:none|full|dots][:fsdp][:mlpN],... run just these, "
+                    help="model:sp:tokens[:none|full|dots|mixer][:fsdp][:mlpN],... run just these, "
                          "in order (else the full sweep); remat policy (default full); fsdp "
                          "shards params and optimizer state over the sp ranks; mlpN runs the "
                          "MLP over N token groups")

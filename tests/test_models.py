@@ -161,7 +161,7 @@ def test_bidirectional_rejects_decaying_mixers():
         ModelConfig(mixer="gla", causal=False).validate()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "mixer"])
 def test_remat_changes_memory_not_math(policy):
     _, model, params = _model(mixer="basic", softmax_every=2)
     remat = LinearLlama3(ModelConfig(**{**SMALL, "mixer": "basic", "softmax_every": 2,
@@ -175,6 +175,23 @@ def test_remat_changes_memory_not_math(policy):
     b = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_mixer_remat_keeps_the_mixers_tensors(capsys):
+    """remat="mixer" saves, per block, the q, k and v projections, the attention output and
+    the output projection (for the backward), and no other named tensor; "full" none."""
+    x = _tokens(2, 16)
+    saved = {}
+    for policy in ("mixer", "full"):
+        cfg, model, params = _model(mixer="basic", softmax_every=2, remat=policy)
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p, m=model: jnp.mean(m.apply({"params": p}, x) ** 2), params)
+        lines = capsys.readouterr().out.splitlines()
+        saved[policy] = sorted(n for n in ("mixer_heads", "mixer_attention", "mixer_out")
+                               for line in lines if f"named '{n}'" in line)
+    per_block = ["mixer_attention", "mixer_heads", "mixer_heads", "mixer_heads", "mixer_out"]
+    assert saved["mixer"] == sorted(per_block * cfg.n_layers)
+    assert saved["full"] == []
 
 
 @pytest.mark.parametrize("mixer,softmax_every", [("lightning", 0), ("gla", 2)])

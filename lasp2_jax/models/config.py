@@ -8,7 +8,7 @@ from lasp2_jax.kernels.backends import BACKENDS
 
 MIXERS = ("basic", "lightning", "retention", "gla", "based", "rebased", "softmax")
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "mixer")
 # Mixers without a decay: the only ones that can run bidirectionally (masked LM).
 BIDIRECTIONAL_MIXERS = ("basic", "based", "rebased", "softmax")
 
@@ -44,7 +44,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype; params stay in param_dtype
     param_dtype: str = "float32"
-    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
+    # "none" | "full" | "dots" (save matmul outputs, recompute the rest) | "mixer" (save the
+    # mixer's projections, attention output and output projection; recompute the norms and MLP)
+    remat: str = "none"
     mlp_chunks: int = 1  # MLP over this many token groups in turn (1/n of its activations)
     scan_layers: bool = False  # one lax.scan over stacked layers: compile time flat in depth
     chunk_size: int = 64  # linear-attention chunk length

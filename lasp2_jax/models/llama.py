@@ -16,7 +16,7 @@ from lasp2_jax.models.layers import (
     constrain,
     over_token_groups,
 )
-from lasp2_jax.models.mixers import MIXER_CLASSES
+from lasp2_jax.models.mixers import MIXER_CLASSES, MIXER_SAVED_NAMES
 
 _ACT = ("batch", "sequence", "act_embed")
 
@@ -24,6 +24,11 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     # Keep the projections' outputs (cheap to store, costly to redo), recompute the rest.
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep what the mixer's backward needs (its q, k, v projections, its attention output and
+    # its output projection, named in mixers.py): the backward recomputes only the norms and
+    # the MLP's gate and up projections, not the attention. D-wide tensors only, where "dots"
+    # also keeps the MLP's [T, mlp_dim] products.
+    "mixer": jax.checkpoint_policies.save_only_these_names(*MIXER_SAVED_NAMES),
 }
 
 

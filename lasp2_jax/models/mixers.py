@@ -18,6 +18,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 import lasp2_jax
 from lasp2_jax.models.config import ModelConfig
@@ -111,6 +112,10 @@ def retention_log_decay(heads: int):
     return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32))))
 
 
+# Names of the mixers' activations that remat="mixer" keeps (models/llama.py).
+MIXER_SAVED_NAMES = ("mixer_heads", "mixer_attention", "mixer_out")
+
+
 class _Mixer(nn.Module):
     """Shared plumbing: projections into heads, the output norm / gate / projection."""
 
@@ -128,11 +133,13 @@ class _Mixer(nn.Module):
         axes = ("embed", "kv_heads" if kv else "q_heads")
         y = self.dense(n * d, axes, name)(x)
         y = y.reshape(*x.shape[:2], n, d)
-        return constrain(y, _KV_HEADS if kv else _HEADS, self.mesh)
+        return checkpoint_name(constrain(y, _KV_HEADS if kv else _HEADS, self.mesh),
+                               "mixer_heads")
 
     def output(self, x, o, *, norm: bool):
         """o [B, T, H, Dv] -> [B, T, D]: per-head RMSNorm, optional gate, projection."""
         c = self.cfg
+        o = checkpoint_name(o, "mixer_attention")
         if norm:
             o = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype),
                         param_dtype=jnp.dtype(c.param_dtype), name="head_norm")(o)
@@ -140,7 +147,8 @@ class _Mixer(nn.Module):
         o = o.reshape(B, T, H * Dv)
         if c.output_gate:
             o = o * nn.silu(self.dense(H * Dv, ("embed", "q_heads"), "gate")(x))
-        return self.dense(x.shape[-1], ("q_heads", "embed"), "out")(o)
+        return checkpoint_name(self.dense(x.shape[-1], ("q_heads", "embed"), "out")(o),
+                               "mixer_out")
 
     def resets(self, log_decay, segment_ids, x):
         """The mixer's decay with document resets folded in.
