@@ -8,6 +8,7 @@ update) is timed.
 
   python benchmarks/bench_train.py --sp 4 --models pure,hybrid
   python benchmarks/bench_train.py --cases pure:1:16384:dots,pure:4:65536:dots
+  python benchmarks/bench_train.py --isolate --cases pure:4:2097152:fsdp,pure:4:262144:mixer
   python benchmarks/bench_train.py --quick              # CPU dry run, tiny model
 
 Writes benchmarks/results/train_<card>.json and .png, and prints a table last.
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if "--quick" in sys.argv:
@@ -66,6 +70,13 @@ class Case:
         remat = next((o for o in options if o in ("none", "full", "dots", "mixer")), None)
         return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
                    int(mlp[0][3:]) if mlp else None)
+
+    def text(self) -> str:
+        """The case as --cases writes it (parse's inverse)."""
+        options = [self.remat] if self.remat else []
+        options += ["fsdp"] if self.fsdp else []
+        options += [f"mlp{self.mlp_chunks}"] if self.mlp_chunks else []
+        return ":".join([self.model, str(self.sp), str(self.seq_len), *options])
 
     def model_config(self, base: dict, mlp_chunks: int | None = None) -> ModelConfig:
         variant = dict(VARIANTS[self.model])
@@ -171,6 +182,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--layers", type=int, default=None, help="override n_layers (diagnostics)")
     ap.add_argument("--softmax-backend", default="auto", help="the hybrid's softmax layers")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each case in a process of its own: after other cases the device "
+                         "memory can be too fragmented for a long case's temporaries")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -195,6 +209,14 @@ def main():
         if time.time() - t_start > args.budget_s:
             print(f"budget reached: skip {case}", flush=True)
             return False
+        if args.isolate:
+            row = _measure_in_child(case, args, W)
+            if row is None:
+                return False
+            row["study"] = study
+            rows.append(row)
+            save()
+            return True
         mcfg = case.model_config(base, args.mlp_chunks)
         try:
             row = measure(mcfg, case.sp, case.seq_len, ce_chunks=max(1, case.seq_len // 16384),
@@ -231,6 +253,22 @@ def main():
               f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{_memory_gb(r):>9.2f}")
+
+
+def _measure_in_child(case: Case, args, world: int) -> dict | None:
+    """One case measured by this script in a process of its own; its result row, or None where
+    it failed (its output, streamed through, says why)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.abspath(__file__), "--cases", case.text(),
+               "--sp", str(world), "--steps", str(args.steps), "--out", out,
+               "--softmax-backend", args.softmax_backend]
+        cmd += ["--layers", str(args.layers)] if args.layers else []
+        cmd += ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []
+        cmd += ["--quick"] if args.quick else []
+        subprocess.run(cmd, check=False)
+        found = [r for path in glob.glob(os.path.join(out, "*.json"))
+                 for r in json.load(open(path))["rows"]]
+    return found[0] if found else None
 
 
 def _plot(rows, path, title):
