@@ -29,6 +29,11 @@ import time
 
 if "--quick" in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With --isolate the cases run in child processes: this one must not take the device memory
+# up front (JAX's default), and the children get the environment as it was.
+if "--isolate" in sys.argv:
+    _CHILD_ENV = dict(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 import jax
 import numpy as np
@@ -265,7 +270,7 @@ def _measure_in_child(case: Case, args, world: int) -> dict | None:
         cmd += ["--layers", str(args.layers)] if args.layers else []
         cmd += ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []
         cmd += ["--quick"] if args.quick else []
-        subprocess.run(cmd, check=False)
+        subprocess.run(cmd, check=False, env=_CHILD_ENV)
         found = [r for path in glob.glob(os.path.join(out, "*.json"))
                  for r in json.load(open(path))["rows"]]
     return found[0] if found else None
