@@ -283,7 +283,8 @@ def main():
             print(f"budget reached, skipping T={T} and longer", flush=True)
             break
         q, k, v, w = inputs(T)
-        cases = {name: fn for name, fn in methods(mesh, args.backend).items()
+        all_methods = methods(mesh, args.backend)
+        cases = {name: fn for name, fn in all_methods.items()
                  if args.methods is None or name in args.methods.split(",")}
         if T == (args.split_at or lengths[-1]):  # Table 5: the gather split into pieces
             for n in [int(s) for s in args.splits.split(",")]:
@@ -310,7 +311,6 @@ def main():
                                     os.path.join(args.out, f"{tag}_hlo_{T}.txt"))
             report["T"] = T
             summary = {k: v for k, v in report.items() if k.startswith(("t_", "hidden"))}
-            all_methods = methods(mesh, args.backend)
             for name in ("lasp2_overlap", "lasp2_state_first"):  # both ways, traced
                 attn = all_methods[name]
                 for key, fn, fargs in (("fwd", jax.jit(attn), (q, k, v)),

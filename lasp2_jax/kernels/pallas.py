@@ -158,6 +158,15 @@ def _segment_summary(k, v, bf, cnt, plan: _Plan, decay_grad: bool):
         block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
 
 
+def _backward_summaries(q, do, bf, cnt, plan: _Plan, scale: float, decay_grad: bool):
+    """The per-segment backward summaries [B, H, S, Dk, Dv] of padded q, do: what each
+    segment's outputs send to the state entering it. One definition for the attention's
+    backward and state_gradient, whose calls XLA must find identical to keep one."""
+    return pallas_forward.segment_summary(
+        q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=q.shape[2],
+        block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
+
+
 def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -192,14 +201,12 @@ def _chunk_attention_fwd(q, k, v, g, s0, m_given, scale, plan):
 def _chunk_attention_bwd(scale, plan, residuals, cts):
     res, decay_grad = residuals[0], residuals[1] is not None
     q, k, v, bf, cnt, fast, a, s0, m, final = res
-    T, H, Dk, Dv = plan.t, q.shape[2], plan.dk_in, plan.dv_in
+    T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     do, dst = (dense_cotangent(ct) for ct in cts)
     do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
     if plan.segments > 1:
-        dm = pallas_forward.segment_summary(
-            q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-            block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
+        dm = _backward_summaries(q, do, bf, cnt, plan, scale, decay_grad)
     else:
         dm = jnp.zeros_like(m)
     dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
@@ -338,9 +345,7 @@ def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
     plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
     # The attention's forward pads q, its backward pads do: the same ops on the same arrays.
     q, _, do, bf, cnt, _, a, zero = _prepare(q, q, do, g, jnp.zeros((B, H, Dk, Dv), _f32), plan)
-    dm = pallas_forward.segment_summary(
-        q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=H,
-        block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
+    dm = _backward_summaries(q, do, bf, cnt, plan, scale, decay_grad)
     return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
 
 

@@ -64,13 +64,19 @@ def _state_product_fwd(x, s):
     return state_product(x, s), (x, s)
 
 
+def state_cotangent(x, ct):
+    """sum over tokens of x^T ct per head: x [B, L, H, Dk], ct [B, L, H, Dv] -> [B, H, Dk, Dv]
+    float32, both operands in x's matmul dtype (compat.matmul_operand_dtype)."""
+    dt = matmul_operand_dtype(x.dtype)
+    return jnp.einsum("blhd,blhe->bhde", x.astype(dt), ct.astype(dt),
+                      preferred_element_type=_f32)
+
+
 def _state_product_bwd(res, ct):
     x, s = res
     dt = matmul_operand_dtype(x.dtype)
-    x_, s_, ct = x.astype(dt), s.astype(dt), ct.astype(dt)
-    dx = jnp.einsum("blhe,bhde->blhd", ct, s_, preferred_element_type=_f32)
-    ds = jnp.einsum("blhd,blhe->bhde", x_, ct, preferred_element_type=_f32)
-    return dx.astype(x.dtype), ds
+    dx = jnp.einsum("blhe,bhde->blhd", ct.astype(dt), s.astype(dt), preferred_element_type=_f32)
+    return dx.astype(x.dtype), state_cotangent(x, ct)
 
 
 state_product.defvjp(_state_product_fwd, _state_product_bwd)
@@ -263,9 +269,7 @@ def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_
         ds = backend.state_gradient(q, do, g, scale=scale, chunk_size=chunk_size,
                                     decay_grad=decay_grad is not None)
     else:
-        dt = matmul_operand_dtype(q.dtype)
-        ds = scale * jnp.einsum("blhd,blhe->bhde", decayed_queries(q, g).astype(dt),
-                                do.astype(dt), preferred_element_type=_f32)
+        ds = scale * state_cotangent(decayed_queries(q, g), do)
     if want_final:
         gathered = gather_states(jnp.stack([ds, d_final.astype(_f32)]), axis_name, gather_splits)
         state_grads, final_grad = gathered[:, 0], jnp.sum(gathered[:, 1], axis=0)
