@@ -151,19 +151,19 @@ def _prepare(q, k, v, g, s0, plan: _Plan):
     return q, k, v, bf, cnt, fast, a, s0
 
 
-def _segment_summary(k, v, bf, cnt, plan: _Plan, decay_grad: bool):
+def _segment_summary(k, v, bf, cnt, fast, plan: _Plan, decay_grad: bool):
     """The per-segment summaries [B, H, S, Dk, Dv] of padded k, v (the summary kernel)."""
     return pallas_forward.segment_summary(
-        k, v, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=k.shape[2],
+        k, v, bf, cnt, fast, mode=plan.mode, num_segments=plan.segments, heads=k.shape[2],
         block_sizes=plan.fwd, reverse=False, side="k", scale=1.0, decay_grad=decay_grad)
 
 
-def _backward_summaries(q, do, bf, cnt, plan: _Plan, scale: float, decay_grad: bool):
+def _backward_summaries(q, do, bf, cnt, fast, plan: _Plan, scale: float, decay_grad: bool):
     """The per-segment backward summaries [B, H, S, Dk, Dv] of padded q, do: what each
     segment's outputs send to the state entering it. One definition for the attention's
     backward and state_gradient, whose calls XLA must find identical to keep one."""
     return pallas_forward.segment_summary(
-        q, do, bf, cnt, mode=plan.mode, num_segments=plan.segments, heads=q.shape[2],
+        q, do, bf, cnt, fast, mode=plan.mode, num_segments=plan.segments, heads=q.shape[2],
         block_sizes=plan.fwd, reverse=True, side="q", scale=scale, decay_grad=decay_grad)
 
 
@@ -172,7 +172,8 @@ def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: boo
     Dv = v.shape[-1]
     q, k, v, bf, cnt, fast, a, s0 = _prepare(q, k, v, g, s0, plan)
     if plan.segments > 1:
-        m = _segment_summary(k, v, bf, cnt, plan, decay_grad) if m_given is None else m_given
+        m = (_segment_summary(k, v, bf, cnt, fast, plan, decay_grad) if m_given is None
+             else m_given)
     else:
         m = jnp.zeros((B, H, 1, plan.dk, plan.dv), _f32)
     o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, mode=plan.mode,
@@ -206,7 +207,7 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
     do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
     if plan.segments > 1:
-        dm = _backward_summaries(q, do, bf, cnt, plan, scale, decay_grad)
+        dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
     else:
         dm = jnp.zeros_like(m)
     dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
@@ -293,8 +294,8 @@ def _summaries_and_fold(k, v, g, config, decay_grad: bool, chunk_size: int = 64)
     Dv = v.shape[-1]
     plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
     s0 = jnp.zeros((B, H, Dk, Dv), _f32)
-    k, _, v, bf, cnt, _, a, s0 = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
-    m = _segment_summary(k, v, bf, cnt, plan, decay_grad)
+    k, _, v, bf, cnt, fast, a, s0 = _prepare(k, k, v.astype(k.dtype), g, s0, plan)
+    m = _segment_summary(k, v, bf, cnt, fast, plan, decay_grad)
     return m, pallas_forward.fold_summaries(s0, a, m)[:, :, :Dk, :Dv]
 
 
@@ -344,8 +345,9 @@ def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
     Dv = do.shape[-1]
     plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
     # The attention's forward pads q, its backward pads do: the same ops on the same arrays.
-    q, _, do, bf, cnt, _, a, zero = _prepare(q, q, do, g, jnp.zeros((B, H, Dk, Dv), _f32), plan)
-    dm = _backward_summaries(q, do, bf, cnt, plan, scale, decay_grad)
+    q, _, do, bf, cnt, fast, a, zero = _prepare(q, q, do, g, jnp.zeros((B, H, Dk, Dv), _f32),
+                                                plan)
+    dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
     return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
 
 

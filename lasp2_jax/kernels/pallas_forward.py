@@ -111,27 +111,35 @@ def causal_mask(c: int):
     return i >= j
 
 
-def chunk_factors(bf, cnt, bf0=0.0, cnt0=0.0):
-    """Per-dimension decay: the q-side, k-side and whole-chunk decay factors of one chunk
-    (table in the docstring; the scalar form's are :func:`scalar_factors`).
+def chunk_factors(bf_ref, cnt_ref, sl, before=None):
+    """Per-dimension decay: the q-side, k-side and whole-chunk decay factors of the span ``sl``
+    (table in the module docstring; the scalar form's are :func:`scalar_factors`).
 
-    bf, cnt: [C, Dk]; (bf0, cnt0): the table's value just before the span (0 at a chunk
-    start; a sub-chunk of the exact path passes the row before it).
-    Returns fq, fk [C, Dk] and fa [Dk].
+    bf_ref, cnt_ref: [L, Dk] refs; before: the row just before the span (a sub-chunk of the
+    exact path), None at a chunk start, where the tables are 0.
+    Returns fq, fk [span, Dk] and fa [Dk]. The span's b_C and reset count are its last row (bf
+    falls and cnt rises along a chunk), loaded rather than reduced over the span's rows.
     """
-    last = jnp.min(bf, axis=0)  # bf is non-increasing along the chunk: its minimum is b_C
-    clast = jnp.max(cnt, axis=0)
+    bf, cnt = bf_ref[sl, :], cnt_ref[sl, :]
+    end = last_row(sl)
+    last, clast = bf_ref[end, :], cnt_ref[end, :]
+    bf0, cnt0 = (0.0, 0.0) if before is None else (bf_ref[before, :], cnt_ref[before, :])
     fq = jnp.where(cnt == cnt0, jnp.exp(jnp.minimum(bf - bf0, 0.0)), 0.0)
     fk = jnp.where(cnt == clast, jnp.exp(jnp.minimum(last - bf, 0.0)), 0.0)
     fa = jnp.where(clast == cnt0, jnp.exp(jnp.minimum(last - bf0, 0.0)), 0.0)
     return fq, fk, fa
 
 
+def last_row(sl):
+    """The index of the last row of the span ``sl``."""
+    return sl.start + sl.size - 1
+
+
 def chunk_end(sl):
     """The chunk's last position as a slice of one: a scalar decay's b_C and reset count are
     the last entries of bf and cnt (bf falls and cnt rises along the chunk), loaded instead of
     reduced (a reduction across the program's threads in every step of the chunk loop)."""
-    return pl.ds(sl.start + sl.size - 1, 1)
+    return pl.ds(last_row(sl), 1)
 
 
 def pair_weights(bf_ref, cnt_ref, sl, c: int, factorised: bool = False):
@@ -202,8 +210,7 @@ def load_factors(bf_ref, cnt_ref, sl, mode: str, before=None, factorised: bool =
         return None
     if mode == SCALAR:
         return scalar_factors(bf_ref, cnt_ref, sl, factorised)
-    ref = {} if before is None else dict(bf0=bf_ref[before, :], cnt0=cnt_ref[before, :])
-    fq, fk, fa = chunk_factors(bf_ref[sl, :], cnt_ref[sl, :], **ref)
+    fq, fk, fa = chunk_factors(bf_ref, cnt_ref, sl, before)
     return fq, fk, fa[:, None]
 
 
@@ -231,8 +238,7 @@ def fast_path_ok(bf_ref, cnt_ref, sl):
 def fast_factors(bf_ref, sl):
     """Per-dimension decay, a chunk without resets: exp(b), exp(-b) and the k-side factor
     exp(b_C - b) as [C, Dk] tiles, and the chunk factor exp(b_C) as [Dk, 1]."""
-    bf = bf_ref[sl, :]
-    last = jnp.min(bf, axis=0)
+    bf, last = bf_ref[sl, :], bf_ref[last_row(sl), :]  # b_C: the last row (chunk_factors)
     return (jnp.exp(bf), jnp.exp(-bf), jnp.exp(jnp.minimum(last[None, :] - bf, 0.0)),
             jnp.exp(last)[:, None])
 
@@ -341,8 +347,8 @@ def chunk_scores(q, k, q_ref, k_ref, bf_ref, cnt_ref, sl, cc, before, fast, *, m
 # Segment summary: M = sum over the segment of (x * f)^T y, chunk by chunk.
 
 
-def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: int, mode: str,
-                    reverse: bool, side: str, scale: float, split: frozenset):
+def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, fast_ref, m_ref, *, c: int, n_chunks: int,
+                    mode: str, reverse: bool, side: str, scale: float, split: frozenset):
     """One (batch*head, segment, column block) program.
 
     Forward (side "k", chunks in order): the segment's state from zero,
@@ -350,27 +356,34 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, m_ref, *, c: int, n_chunks: i
     Backward (side "q", chunks in reverse): the gradient its outputs send to the state entering
     the segment, dM = scale * sum_i (q_i exp(b_i))^T dO_i,  by  dS <- diag(a_chunk) dS
     + scale (q * fq)^T dO. Both are LASP-2's step 1 (DESIGN.md §1) on a segment of one device.
+    A segment without resets (its flag in ``fast_ref``, see :func:`chunk_loop`) reads no reset
+    counts: its factors need no mask.
     """
 
-    def body(i, acc):
+    def body(i, acc, factorised):
         ci = n_chunks - 1 - i if reverse else i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         x, y = x_ref[sl, :], y_ref[sl, :]
-        f = load_factors(bf_ref, cnt_ref, sl, mode)
-        if f is None:
+        if mode == NONE:
             return acc + scale * mm(x, y, ta=True)
-        fq, fk, fa = f
+        if mode == PER_DIM and factorised:
+            e, _, fk, fa = fast_factors(bf_ref, sl)
+            fq = e
+        else:
+            fq, fk, fa = load_factors(bf_ref, cnt_ref, sl, mode, factorised=factorised)
         return fa * acc + scale * decayed_tmm(x, fq if side == "q" else fk, y, mode, split)
 
-    m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
+    m_ref[...] = chunk_loop(n_chunks, body, jnp.zeros(m_ref.shape, _f32), mode=mode,
+                            fast_ref=fast_ref)
 
 
-def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
+def segment_summary(x, y, bf, cnt, fast, *, mode: str, num_segments: int, heads: int,
                     block_sizes: BlockSizes, reverse: bool, side: str, scale: float,
                     decay_grad: bool = True):
     """Per-segment summaries [B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`).
 
-    x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, H, T] or [B, T, H, Dk] (None without decay).
+    x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, H, T] or [B, T, H, Dk] and the per-segment
+    flags fast [B, H, S] of :func:`chunk_loop` (all None without decay).
     T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two. decay_grad: the log-decay
     gradient will be taken (decayed operands enter in two bf16 parts, see DG_SPLIT).
     """
@@ -384,13 +397,13 @@ def segment_summary(x, y, bf, cnt, *, mode: str, num_segments: int, heads: int,
         return pl.BlockSpec((None, L, None, d), lambda bh, s, j: (bh // H, s, bh % H, 0))
     in_specs = [seq(dk),
                 pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))]
-    dargs, dspecs = decay_operands(bf, cnt, L, H, dk)
+    dargs, dspecs = decay_operands(bf, cnt, L, H, dk, fast)
     args = [x, y, *dargs]
     in_specs += dspecs
     kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
                                reverse=reverse, side=side, scale=scale,
                                split=dg_split(mode, decay_grad))
-    kernel = with_decay_refs(kernel, 2, bf is not None, flags=False)
+    kernel = with_decay_refs(kernel, 2, bf is not None)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -418,10 +431,10 @@ def absent_refs(kernel, count: int, position: int | None = None):
     return wrapped
 
 
-def with_decay_refs(kernel, position: int, has_decay: bool, flags: bool = True):
-    """Without decay the pallas_call gets no (bf, cnt[, fast]) operands: pass None refs in
-    their place (flags: the kernel takes the per-segment ``fast`` flags after bf and cnt)."""
-    return absent_refs(kernel, 0 if has_decay else 2 + flags, position)
+def with_decay_refs(kernel, position: int, has_decay: bool):
+    """Without decay the pallas_call gets no (bf, cnt, fast) operands: pass None refs in
+    their place."""
+    return absent_refs(kernel, 0 if has_decay else 3, position)
 
 
 def decay_operands(bf, cnt, L: int, H: int, dk: int, fast=None):
