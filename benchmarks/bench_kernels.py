@@ -56,8 +56,10 @@ def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEF
         g = np.log(rng.uniform(0.3, 1.0, (B, T, H))).astype(np.float32)
     elif form == "strong":  # strong decays: the exact pair weights, dg far below its terms
         g = np.log(rng.uniform(1e-3, 1e-2, (B, T, H))).astype(np.float32)
-    elif form == "per_dim":
+    elif form == "per_dim":  # chunk totals near SAFE_LOG_DECAY: often the exact kernels
         g = np.log(rng.uniform(0.3, 1.0, (B, T, H, Dk))).astype(np.float32)
+    elif form == "gla":  # GLA-like: the prescaled kernels (without resets)
+        g = np.log(rng.uniform(0.9, 1.0, (B, T, H, Dk))).astype(np.float32)
     if g is not None and resets:
         g[:, T // 3] = -np.inf
         g[:, T // 2] = -1e30
@@ -104,7 +106,10 @@ def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEF
     return errs, deterministic, finite
 
 
-def run_checks(out, quick=False):
+CHECK_FORMS = ("none", "scalar", "strong", "per_dim", "gla")
+
+
+def run_checks(out, quick=False, forms=CHECK_FORMS):
     rng = np.random.default_rng()
     rows = []
     cases = [
@@ -115,7 +120,7 @@ def run_checks(out, quick=False):
     ]
     dtypes = ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
     for case in cases[1:] if quick else cases:
-        for form in ("none", "scalar", "strong", "per_dim"):
+        for form in forms:
             for dtype, tol in dtypes[:1] if quick and form != "none" else dtypes:
                 for resets in ((False, True) if form != "none" and not quick else (quick,)):
                     t0 = time.time()
@@ -392,6 +397,8 @@ def main():
     p.add_argument("--quick-check", action="store_true")
     p.add_argument("--check-only", action="store_true", help="the oracle checks, no timings")
     p.add_argument("--check-last", action="store_true", help="time first, then check")
+    p.add_argument("--check-forms", default=",".join(CHECK_FORMS),
+                   help="the decay forms of the oracle checks")
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="",
@@ -402,6 +409,9 @@ def main():
     p.add_argument("--difference-dg", action="store_true",
                    help="the scalar decay's gradient as q dq - k dk with split operands "
                         "(default: summed over crossing pairs, no split)")
+    p.add_argument("--exact-per-dim", action="store_true",
+                   help="the per-dimension decay on the exact kernels only (default: the "
+                        "prescaled kernels where every chunk allows them)")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
@@ -412,6 +422,9 @@ def main():
         pallas_forward.DG_SPLIT = frozenset(split)
     if args.difference_dg:
         pallas_forward.CROSSING_DG_MODES = frozenset()
+    if args.exact_per_dim:
+        pallas.PRESCALED_PER_DIM = False
+    out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
     out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
     log(f"DG_SPLIT = {out['dg_split']}, CROSSING_DG_MODES = {out['crossing_dg_modes']}")
@@ -425,7 +438,7 @@ def main():
 
     ok = True
     if not args.no_check and not args.check_last:
-        ok = run_checks(out, args.quick_check)
+        ok = run_checks(out, args.quick_check, args.check_forms.split(","))
         save()
     if args.check_only:
         log("checks:", "all OK" if ok else "FAILURES")
@@ -439,7 +452,7 @@ def main():
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)
     if not args.no_check and args.check_last:
-        ok = run_checks(out, args.quick_check)
+        ok = run_checks(out, args.quick_check, args.check_forms.split(","))
     save()
     ppath = os.path.join(args.out, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)

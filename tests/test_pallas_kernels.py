@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp2_jax.kernels import backends, pallas, pallas_forward, reference
+from lasp2_jax.kernels import backends, pallas, pallas_forward, pallas_prescaled, reference
 
 RNG = np.random.default_rng()
 
@@ -128,6 +128,60 @@ def _check_case(case):
         # keeps it to about 1e-4 (the issue's bar for float32 is 1e-3).
         tol = 5e-4 if (name == "dg" and form == "strong") else 1e-4
         assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+def test_prescale_matches_numpy_and_flags_unsafe_chunks():
+    """The per-dimension decay's prescaled operands against numpy, and the flag that chooses
+    them: set for GLA-like decays, cleared by one reset, or by one chunk whose total log decay
+    is below SAFE_LOG_DECAY in a single dimension."""
+    B, T, H, D, C = 1, 64, 2, 16, 16
+    q, k, _, g, _ = _inputs(B, T, H, D, D, "per_dim")
+    qe, ke, kd, ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(g), C)
+    b = np.cumsum(g.reshape(B, T // C, C, H, D).astype(np.float64), axis=2)
+    total = b[:, :, -1:]
+    for got, want in ((qe, q.reshape(b.shape) * np.exp(b)), (ke, k.reshape(b.shape) * np.exp(-b)),
+                      (kd, k.reshape(b.shape) * np.exp(total - b)),
+                      (ad, np.moveaxis(np.exp(total[:, :, 0]), 2, 1))):
+        assert _rel(got, want.reshape(got.shape)) < 1e-5
+    assert bool(pallas_prescaled.all_chunks_safe(ad))
+    for t, d, value in ((T // 2, slice(None), -np.inf), (5, 3, -41.0)):
+        unsafe = g.copy()
+        unsafe[:, t, :, d] = value
+        ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(unsafe), C)[3]
+        assert not bool(pallas_prescaled.all_chunks_safe(ad))
+
+
+@pytest.mark.parametrize("path", ["prescaled", "exact"])
+@pytest.mark.parametrize("min_programs", [1, 132], ids=["one-segment", "segments"])
+def test_per_dim_decay_paths_match_recurrence(path, min_programs, monkeypatch):
+    """Both paths of a per-dimension decay on the same GLA-like inputs, one segment per head
+    or several: outputs, final state and every gradient against the oracle. The exact path
+    is forced by clearing the safety flag (traced anew: the jit caches are cleared)."""
+    B, T, H, Dk, Dv, C = 1, 90, 2, 24, 20, 16
+    config = pallas.Config(pallas_forward.BlockSizes(min_programs=min_programs))
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, "per_dim")
+    assert (pallas._plan(B, T, H, Dk, Dv, "per_dim", C, config).segments > 1) == (
+        min_programs > 1)
+    head = [jnp.asarray(x[:, :80]) for x in (q, k, g)]  # whole chunks
+    assert bool(pallas_prescaled.all_chunks_safe(pallas_prescaled.prescale(*head, C)[3]))
+    if path == "exact":
+        monkeypatch.setattr(pallas_prescaled, "all_chunks_safe", lambda ad: jnp.bool_(False))
+    jax.clear_caches()
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+
+    def f(q_, k_, v_, g_, s_):
+        return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=0.3, chunk_size=C,
+                                             initial_state=s_, config=config)
+
+    (o, st), vjp = jax.vjp(f, q, k, v, g, s0)
+    got = [o, st, *vjp((do, dst))]
+    jax.clear_caches()
+    want = _reference_vjp(q, k, v, g, s0, 0.3, do, dst)
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dg", "ds0"], got, want,
+                          strict=True):
+        assert np.isfinite(np.asarray(a)).all(), name
+        assert _rel(a, b) < 1e-4, (name, _rel(a, b))
 
 
 @pytest.mark.parametrize("form", ["lightning", "scalar", "per_dim"])

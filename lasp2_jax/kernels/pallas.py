@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import is_per_dim
-from lasp2_jax.kernels import pallas_backward, pallas_forward, pallas_scans
+from lasp2_jax.kernels import pallas_backward, pallas_forward, pallas_prescaled, pallas_scans
 from lasp2_jax.kernels.backends import Backend
 from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR
 
@@ -137,16 +137,23 @@ def _reverse_cumsum(x, c: int):
     return jnp.flip(inner + before, (1, 2)).reshape(x.shape)
 
 
-def _prepare(q, k, v, g, s0, plan: _Plan):
+def _pad_operands(q, k, v, g, s0, plan: _Plan):
+    """q, k, v, g and s0 padded to the plan's T, Dk and Dv (zeros: no effect on the rest)."""
     q, k = (_pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk) for x in (q, k))
     v = _pad_axis(_pad_axis(v, 1, plan.t_pad), 3, plan.dv)
     s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
+    if g is not None:
+        g = _pad_axis(g, 1, plan.t_pad)
+        if g.ndim == 4:
+            g = _pad_axis(g, 3, plan.dk)
+    return q, k, v, g, s0
+
+
+def _prepare(q, k, v, g, s0, plan: _Plan):
+    q, k, v, g, s0 = _pad_operands(q, k, v, g, s0, plan)
     if g is None:
         a = jnp.ones((q.shape[0], q.shape[2], plan.segments, plan.dk), _f32)
         return q, k, v, None, None, None, a, s0
-    g = _pad_axis(g, 1, plan.t_pad)
-    if g.ndim == 4:
-        g = _pad_axis(g, 3, plan.dk)
     bf, cnt, a, fast = _decay_tables(g, plan)
     return q, k, v, bf, cnt, fast, a, s0
 
@@ -183,9 +190,14 @@ def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: boo
     return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
 
 
+def _any_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
+    forward = _gated_forward if _prescaled(plan) else _forward
+    return forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _chunk_attention(q, k, v, g, s0, m_given, scale, plan):
-    o, final, _ = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad=False)
+    o, final, _ = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad=False)
     return o, final
 
 
@@ -194,16 +206,16 @@ def _chunk_attention_fwd(q, k, v, g, s0, m_given, scale, plan):
     # (Lightning's and RetNet's fixed decays) spares the backward its decay-gradient work.
     (q, k, v, g, s0, m_given), perturbed = unwrap_primals(q, k, v, g, s0, m_given)
     decay_grad = perturbed[3]
-    o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
+    o, final, res = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
     # The flag travels in the residuals' structure: () when the decay gradient is wanted.
     return (o, final), (res, () if decay_grad else None)
 
 
-def _chunk_attention_bwd(scale, plan, residuals, cts):
-    res, decay_grad = residuals[0], residuals[1] is not None
+def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
+    """dq, dk, dv, dg (None without decay_grad) and ds0 of the exact kernels, from the
+    residuals of :func:`_forward` and the dense cotangents of o and the final state."""
     q, k, v, bf, cnt, fast, a, s0, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
-    do, dst = (dense_cotangent(ct) for ct in cts)
     do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
     if plan.segments > 1:
@@ -231,9 +243,95 @@ def _chunk_attention_bwd(scale, plan, residuals, cts):
         else:
             dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
             dg = dg[:, :T, :, :Dk]
+    return dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv]
+
+
+# --------------------------------------------------------------------------------------------
+# A per-dimension decay: the prescaled kernels (pallas_prescaled) where every chunk allows
+# them, the exact kernels otherwise. The choice is one lax.cond per call on the decays' values.
+# Read when a call is traced; False: the exact kernels always (for comparison in benchmarks).
+PRESCALED_PER_DIM = True
+
+
+def _prescaled(plan: _Plan) -> bool:
+    return plan.mode == PER_DIM and PRESCALED_PER_DIM
+
+
+def _gated_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
+    """:func:`_forward` for a per-dimension decay. Residuals: the unpadded inputs, the
+    prescaled operands, their safety flag, the summaries and the final state."""
+    T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
+    qp, kp, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
+    qe, ke, kd, ad = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
+
+    def prescaled(_):
+        a = pallas_prescaled.segment_decays(ad, plan.segments)
+        if m_given is not None:
+            m = m_given
+        elif plan.segments > 1:
+            m = pallas_prescaled.segment_summaries(kd, vp, ad, segments=plan.segments,
+                                                   chunk=plan.chunk, block_sizes=plan.fwd,
+                                                   reverse=False)
+        else:
+            m = jnp.zeros((*a.shape[:3], plan.dk, plan.dv), _f32)
+        o, final = pallas_prescaled.forward_outputs(qe, ke, kd, vp, ad, s0p, m, a,
+                                                    chunk=plan.chunk, scale=scale,
+                                                    block_sizes=plan.fwd, out_dtype=q.dtype)
+        if plan.segments > 1:
+            final = pallas_forward.fold_summaries(s0p, a, m)
+        return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], m
+
+    def exact(_):
+        o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
+        return o, final, res[8]
+
+    safe = pallas_prescaled.all_chunks_safe(ad)
+    o, final, m = jax.lax.cond(safe, prescaled, exact, None)
+    return o, final, (q, k, v, g, s0, qe, ke, kd, ad, safe, m, final)
+
+
+def _gated_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
+    """:func:`_backward` for a per-dimension decay, on the path its forward took."""
+    q, k, v, g, s0, qe, ke, kd, ad, safe, m, final = res
+    T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
+    final = _pad_axis(_pad_axis(final, 2, plan.dk), 3, plan.dv)
+
+    def prescaled(_):
+        _, _, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
+        dop = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
+        dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
+        a = pallas_prescaled.segment_decays(ad, plan.segments)
+        if plan.segments > 1:
+            dm = pallas_prescaled.segment_summaries(qe, dop, ad, segments=plan.segments,
+                                                    chunk=plan.chunk, block_sizes=plan.fwd,
+                                                    reverse=True, scale=scale)
+        else:
+            dm = jnp.zeros_like(m)
+        dq, dk, dv, dbq, dbk, ds0 = pallas_prescaled.backward(
+            qe, ke, kd, vp, dop, gp, ad, s0p, m, dstp, dm, a, chunk=plan.chunk, scale=scale,
+            block_sizes=plan.bwd, decay_grad=decay_grad)
+        dg = None
+        if decay_grad:  # the difference form, as in _backward
+            final_term = jnp.sum(final * dstp, axis=-1)
+            dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
+            dg = dg[:, :T, :, :Dk]
+        return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg,
+                ds0[:, :, :Dk, :Dv])
+
+    def exact(_):
+        qp, kp, vp, bf, cnt, fast, a, s0p = _prepare(q, k, v, g, s0, plan)
+        return _backward((qp, kp, vp, bf, cnt, fast, a, s0p, m, final), do, dst, scale, plan,
+                         decay_grad)
+
+    return jax.lax.cond(safe, prescaled, exact, None)
+
+
+def _chunk_attention_bwd(scale, plan, residuals, cts):
+    res, decay_grad = residuals[0], residuals[1] is not None
+    do, dst = (dense_cotangent(ct) for ct in cts)
+    backward = _gated_backward if _prescaled(plan) else _backward
     # given summaries are a function of k, v and g, whose cotangents above are complete
-    return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg, ds0[:, :, :Dk, :Dv],
-            None)
+    return (*backward(res, do, dst, scale, plan, decay_grad), None)
 
 
 _chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd, symbolic_zeros=True)

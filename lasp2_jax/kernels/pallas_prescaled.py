@@ -1,0 +1,331 @@
+"""A per-dimension decay (GLA) with the decays folded into the operands before the chunk loops.
+
+With b the chunk-local inclusive cumulative sum of the log decays and b_C its value at the
+chunk's end, a chunk of the recurrence S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t is
+
+    o   = scale * ((qe ke^T) * [j <= i]) v + scale * qe S,     S' = diag(ad) S + kd^T v,
+    qe  = q * exp(b),   ke = k * exp(-b),   kd = k * exp(b_C - b),   ad = exp(b_C),
+
+which is basic linear attention plus a per-chunk diagonal decay of the carried state. The
+exponentials are taken once, by a kernel that runs over all chunks in parallel
+(:func:`prescale`); the chunk loops then do the basic form's matmuls and nothing elementwise
+but that diagonal. The exact kernels of pallas_forward instead take the exponentials inside
+the sequential chunk loops, on [C, Dk] tiles, in every program of every pass.
+
+The form is exact only where exp(-b) stays finite: every chunk's total log decay must be above
+pallas_forward.SAFE_LOG_DECAY in every dimension (so no reset either). pallas.py checks that
+(:func:`all_chunks_safe`) and takes the exact kernels otherwise.
+
+Backward, with dqe, dke, dkd the cotangents of the prescaled operands:
+
+    dq = dqe * exp(b),        dk = (dke + ad * dkd) * exp(-b),
+
+and the log-decay gradient is the difference form of pallas_backward (dL/db_t = q_t dq_t -
+k_t dk_t, summed from the end by pallas_scans.reverse_decay_sums), with q dq = qe dqe and
+k dk = ke dke + kd dkd. Both sides are formed from the very operands (rounded to the input
+dtype) that entered the matmuls, so the pair terms that cancel in the difference are equal
+numbers on both sides; only the carried states are rounded differently on the two sides, and
+with a decay gradient they enter their matmuls in two bf16 parts (pallas_forward.DG_SPLIT).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lasp2_jax import compat
+from lasp2_jax.kernels.pallas_backward import _diag
+from lasp2_jax.kernels.pallas_forward import (
+    SAFE_LOG_DECAY,
+    causal_mask,
+    lowp,
+    mm,
+    mmx,
+    segment_entry_state,
+    summary_specs,
+)
+
+_f32 = jnp.float32
+# The carried states of the backward enter their matmuls in two bf16 parts when the decay
+# gradient is taken (the operand name of pallas_forward.lowp).
+STATE_SPLIT = frozenset({"state"})
+
+
+def _params(block_sizes):
+    return compat.triton_compiler_params(block_sizes.num_warps, block_sizes.num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# The operands: one program per (batch, chunk, head), all in parallel.
+
+
+def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, kd_ref, ad_ref):
+    g = g_ref[...]  # [C, Dk]
+    b = jnp.cumsum(g, axis=0)
+    total = jnp.sum(g, axis=0)  # b_C
+    q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
+    qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
+    ke_ref[...] = (k * jnp.exp(-b)).astype(ke_ref.dtype)
+    kd_ref[...] = (k * jnp.exp(jnp.minimum(total[None, :] - b, 0.0))).astype(kd_ref.dtype)
+    ad_ref[...] = jnp.exp(total)
+
+
+def prescale(q, k, g, chunk: int):
+    """qe, ke, kd [B, T, H, Dk] in q's dtype and ad [B, H, T // chunk, Dk] float32 (module
+    docstring), from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk] float32, T a multiple
+    of chunk. Where a chunk is not safe (:func:`all_chunks_safe`) the values are meaningless."""
+    B, T, H, dk = q.shape
+    n = T // chunk
+    spec = pl.BlockSpec((None, chunk, None, dk), lambda b, i, h: (b, i, h, 0))
+    return pl.pallas_call(
+        _prescale_kernel,
+        grid=(B, n, H),
+        in_specs=[spec, spec, spec],
+        out_specs=[spec, spec, spec,
+                   pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
+        + [jax.ShapeDtypeStruct((B, H, n, dk), _f32)],
+        compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
+        interpret=compat.pallas_interpret(),
+        name="lasp2_prescale",
+    )(q, k, g)
+
+
+def all_chunks_safe(ad):
+    """True where every chunk's total log decay is above SAFE_LOG_DECAY in every dimension:
+    then exp(-b) <= exp(-SAFE_LOG_DECAY) in every chunk and no token resets the state.
+    ad: [B, H, N, Dk] = exp(b_C), 0 across a reset."""
+    return jnp.all(ad > jnp.exp(jnp.float32(SAFE_LOG_DECAY)))
+
+
+def segment_decays(ad, segments: int):
+    """[B, H, S, Dk]: the product of the chunk decays ad [B, H, N, Dk] over each segment."""
+    B, H, n, dk = ad.shape
+    return jnp.prod(ad.reshape(B, H, segments, n // segments, dk), axis=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: the segment summaries, then the outputs from each segment's incoming state.
+
+
+def _summary_kernel(x_ref, y_ref, ad_ref, m_ref, *, c: int, n_chunks: int, reverse: bool,
+                    scale: float):
+    """Forward (x = kd, y = v, chunks in order): M = sum over the segment of its chunks'
+    kd^T v, each decayed by the chunks after it. Backward (x = qe, y = dO, in reverse): what the
+    segment's outputs send to the state entering it, scale * sum of qe^T dO decayed by the
+    chunks before each."""
+
+    def body(i, acc):
+        ci = n_chunks - 1 - i if reverse else i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        return ad_ref[ci, :][:, None] * acc + scale * mm(x_ref[sl, :], y_ref[sl, :], ta=True)
+
+    m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
+
+
+def segment_summaries(x, y, ad, *, segments: int, chunk: int, block_sizes, reverse: bool,
+                      scale: float = 1.0):
+    """[B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`); x [B, T, H, Dk] (kd or qe),
+    y [B, T, H, Dv] (v or dO), ad [B, H, T // chunk, Dk]."""
+    B, T, H, dk = x.shape
+    dv = y.shape[-1]
+    L = T // segments
+    K = L // chunk
+    bv = min(block_sizes.block_v, dv)
+    return pl.pallas_call(
+        functools.partial(_summary_kernel, c=chunk, n_chunks=K, reverse=reverse, scale=scale),
+        grid=(B * H, segments, dv // bv),
+        in_specs=[pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0)),
+                  pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j)),
+                  _chunk_decay_spec(H, K, dk, row_block=False)],
+        out_specs=pl.BlockSpec((None, None, None, dk, bv),
+                               lambda bh, s, j: (bh // H, bh % H, s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((B, H, segments, dk, dv), _f32),
+        compiler_params=_params(block_sizes),
+        interpret=compat.pallas_interpret(),
+        name="lasp2_prescaled_summary_bwd" if reverse else "lasp2_prescaled_summary",
+    )(x, y, ad)
+
+
+def _chunk_decay_spec(H: int, K: int, rows: int, row_block: bool):
+    """The BlockSpec of ad [B, H, N, Dk] for a program of segment s: its K chunks, and all of
+    Dk or the program's Dk block."""
+    if row_block:
+        return pl.BlockSpec((None, None, K, rows), lambda bh, s, j: (bh // H, bh % H, s, j))
+    return pl.BlockSpec((None, None, K, rows), lambda bh, s, j: (bh // H, bh % H, s, 0))
+
+
+def _output_kernel(qe_ref, ke_ref, kd_ref, v_ref, ad_ref, s0_ref, m_ref, a_ref, o_ref,
+                   final_ref, *, c: int, n_chunks: int, scale: float, n_seg: int):
+    def body(ci, state):
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        qe, ke, kd, v = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :]
+        a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
+        o = mm(a.astype(v.dtype), v) + mm(qe, state.astype(qe.dtype))
+        o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
+        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
+
+    state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
+    if n_seg == 1:  # with several segments the caller folds the summaries instead
+        final_ref[...] = state
+
+
+def forward_outputs(qe, ke, kd, v, ad, s0, m, a, *, chunk: int, scale: float, block_sizes,
+                    out_dtype):
+    """Outputs [B, T, H, Dv] and, with one segment, the final state [B, H, Dk, Dv] float32
+    (with several, that output is not written: fold the summaries).
+
+    s0 [B, H, Dk, Dv]; m [B, H, S, Dk, Dv] the segment summaries; a [B, H, S, Dk] the segment
+    decays (:func:`segment_decays`)."""
+    B, T, H, dk = qe.shape
+    dv = v.shape[-1]
+    S = m.shape[2]
+    L = T // S
+    bv = min(block_sizes.block_v, dv)
+    full = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
+    vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
+    return pl.pallas_call(
+        functools.partial(_output_kernel, c=chunk, n_chunks=L // chunk, scale=scale, n_seg=S),
+        grid=(B * H, S, dv // bv),
+        in_specs=[full, full, full, vcol, _chunk_decay_spec(H, L // chunk, dk, False),
+                  *summary_specs(H, S, dk, bv, row_block=False)],
+        out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
+                                      lambda bh, s, j: (bh // H, bh % H, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), out_dtype),
+                   jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
+        compiler_params=_params(block_sizes),
+        interpret=compat.pallas_interpret(),
+        name="lasp2_prescaled_fwd",
+    )(qe, ke, kd, v, ad, s0, m, a)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dq (chunks in order, carrying rows of the state), dk and dv (in reverse, carrying
+# rows or columns of the cotangent of the leaving state).
+
+
+def _masked_dp(do, v, c: int, scale: float, dtype):
+    """scale * dO v^T with the causal mask, as a matmul operand of ``dtype`` [C, C]."""
+    return jnp.where(causal_mask(c), scale * mm(do, v, tb=True), 0.0).astype(dtype)
+
+
+def _dq_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref,
+               dq_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+    def body(ci, state):  # state: rows [bk] of the state entering chunk ci
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        ke, kd, v, do = ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        dpl = _masked_dp(do, v, c, scale, ke.dtype)
+        dqe = mm(dpl, ke) + scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
+        dq_ref[sl, :] = (dqe * jnp.exp(jnp.cumsum(g_ref[sl, :], axis=0))).astype(dq_ref.dtype)
+        if db_ref is not None:
+            # q dq = qe dqe, less the diagonal pair, which cancels against k dk (and would
+            # only add its rounding error)
+            db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * (dqe - _diag(dpl) * ke.astype(_f32))
+        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
+
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
+
+
+def _dk_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref,
+               dk_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+    def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
+        ci = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        dpl = _masked_dp(do, v, c, scale, qe.dtype)
+        dke = mm(dpl, qe, ta=True)
+        dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
+        ad = ad_ref[ci, :]
+        dk = (dke + ad[None, :] * dkd) * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        if db_ref is not None:  # k dk = ke dke + kd dkd, less the diagonal pair (see dq)
+            db_ref[sl, :] = (ke_ref[sl, :].astype(_f32) * (dke - _diag(dpl) * qe.astype(_f32))
+                             + kd_ref[sl, :].astype(_f32) * dkd)
+        return ad[:, None] * dh + scale * mm(qe, do, ta=True)
+
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
+
+
+def _dv_kernel(qe_ref, ke_ref, kd_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref,
+               *, c: int, n_chunks: int, scale: float):
+    def body(i, dh):  # dh: columns [bv] of the cotangent of the state leaving chunk ci
+        ci = n_chunks - 1 - i
+        sl = pl.ds(pl.multiple_of(ci * c, c), c)
+        qe, ke, kd, do = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], do_ref[sl, :]
+        a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
+        dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(kd, dh.astype(kd.dtype))
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        return ad_ref[ci, :][:, None] * dh + scale * mm(qe, do, ta=True)
+
+    dh = lax.fori_loop(0, n_chunks, body,
+                       segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        ds0_ref[...] = dh  # the cotangent of the initial state
+
+
+def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
+             block_sizes, decay_grad: bool):
+    """dq, dk, dv [B, T, H, *] (input dtype), q dq and k dk for the log-decay gradient
+    ([B, T, H, Dk] float32, the diagonal pairs left out; None without decay_grad) and the
+    initial-state cotangent [B, H, Dk, Dv] float32.
+
+    qe, ke, kd, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
+    and forward summaries; dst, dm the final-state cotangent and backward summaries; a the
+    segment decays. block_sizes: pallas_backward.BlockSizes.
+    """
+    B, T, H, dk = qe.shape
+    dv = v.shape[-1]
+    S = m.shape[2]
+    L = T // S
+    K = L // chunk
+    bk, bv = min(block_sizes.block_k, dk), min(block_sizes.block_v, dv)
+    interpret = compat.pallas_interpret()
+    split = STATE_SPLIT if decay_grad else frozenset()
+
+    def seq(d, col):
+        return pl.BlockSpec((None, L, None, d), (lambda bh, s, j: (bh // H, s, bh % H, j)) if col
+                            else (lambda bh, s, j: (bh // H, s, bh % H, 0)))
+
+    kblock = seq(bk, True)
+    row_specs = [kblock, kblock, kblock, seq(dv, False), seq(dv, False), kblock,
+                 _chunk_decay_spec(H, K, bk, True), *summary_specs(H, S, bk, dv, True)]
+    grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
+    db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
+    outs = [grad, db] if decay_grad else [grad]
+    common = dict(c=chunk, n_chunks=K, scale=scale, split=split)
+
+    def with_db(kernel):  # without a decay gradient the kernel's db ref is None
+        return kernel if decay_grad else lambda *refs: kernel(*refs, None)
+
+    dq, *dbq = pl.pallas_call(
+        with_db(functools.partial(_dq_kernel, **common)), grid=(B * H, S, dk // bk),
+        in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
+        compiler_params=_params(block_sizes), interpret=interpret,
+        name="lasp2_prescaled_bwd_dq",
+    )(qe, ke, kd, v, do, g, ad, s0, m, a)
+    dk_, *dbk = pl.pallas_call(
+        with_db(functools.partial(_dk_kernel, **common)), grid=(B * H, S, dk // bk),
+        in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
+        compiler_params=_params(block_sizes), interpret=interpret,
+        name="lasp2_prescaled_bwd_dk",
+    )(qe, ke, kd, v, do, g, ad, dst, dm, a)
+    vcol = seq(bv, True)
+    dv_, ds0 = pl.pallas_call(
+        functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
+        grid=(B * H, S, dv // bv),
+        in_specs=[seq(dk, False), seq(dk, False), seq(dk, False), vcol,
+                  _chunk_decay_spec(H, K, dk, False), *summary_specs(H, S, dk, bv, False)],
+        out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
+                                      lambda bh, s, j: (bh // H, bh % H, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
+                   jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
+        compiler_params=_params(block_sizes), interpret=interpret,
+        name="lasp2_prescaled_bwd_dv",
+    )(qe, ke, kd, do, ad, dst, dm, a)
+    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0
