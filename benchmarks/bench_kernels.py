@@ -109,17 +109,24 @@ def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEF
 CHECK_FORMS = ("none", "scalar", "strong", "per_dim", "gla")
 
 
-def run_checks(out, quick=False, forms=CHECK_FORMS):
+CHECK_CASES = {
+    # small, ragged, Dk / Dv not powers of two, few programs -> many segments
+    "small": dict(B=2, T=333, H=2, Dk=72, Dv=40),
+    # benchmark head size, several segments of several chunks
+    "benchmark": dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
+}
+
+
+def run_checks(out, quick=False, forms=CHECK_FORMS, case_names=tuple(CHECK_CASES),
+               save=lambda: None):
+    """The oracle checks of :func:`check`, saved after each one. quick: the benchmark case
+    only, bf16 only, with resets only (and no decay without)."""
     rng = np.random.default_rng()
     rows = []
-    cases = [
-        # small, ragged, Dk / Dv not powers of two, few programs -> many segments
-        dict(B=2, T=333, H=2, Dk=72, Dv=40),
-        # benchmark head size, several segments of several chunks
-        dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
-    ]
+    out["checks"] = rows
+    cases = [CHECK_CASES[n] for n in case_names]
     dtypes = ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
-    for case in cases[1:] if quick else cases:
+    for case in [CHECK_CASES["benchmark"]] if quick else cases:
         for form in forms:
             for dtype, tol in dtypes[:1] if quick and form != "none" else dtypes:
                 for resets in ((False, True) if form != "none" and not quick else (quick,)):
@@ -138,11 +145,11 @@ def run_checks(out, quick=False, forms=CHECK_FORMS):
                                errors=errs, deterministic=det, finite=fin, ok=ok,
                                seconds=round(time.time() - t0, 1))
                     rows.append(row)
+                    save()
                     log(f"check {case} {form:8s} {row['dtype']:8s} resets={resets!s:5s} "
                         f"max_err={max(errs.values()):.2e} det={det} finite={fin} "
                         f"{'OK' if ok else 'FAIL'}  " +
                         " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
-    out["checks"] = rows
     return all(r["ok"] for r in rows)
 
 
@@ -399,6 +406,8 @@ def main():
     p.add_argument("--check-last", action="store_true", help="time first, then check")
     p.add_argument("--check-forms", default=",".join(CHECK_FORMS),
                    help="the decay forms of the oracle checks")
+    p.add_argument("--check-cases", default=",".join(CHECK_CASES),
+                   help="the shapes of the oracle checks: " + ", ".join(CHECK_CASES))
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="",
@@ -438,7 +447,8 @@ def main():
 
     ok = True
     if not args.no_check and not args.check_last:
-        ok = run_checks(out, args.quick_check, args.check_forms.split(","))
+        ok = run_checks(out, args.quick_check, args.check_forms.split(","),
+                        args.check_cases.split(","), save)
         save()
     if args.check_only:
         log("checks:", "all OK" if ok else "FAILURES")
@@ -452,7 +462,8 @@ def main():
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)
     if not args.no_check and args.check_last:
-        ok = run_checks(out, args.quick_check, args.check_forms.split(","))
+        ok = run_checks(out, args.quick_check, args.check_forms.split(","),
+                        args.check_cases.split(","), save)
     save()
     ppath = os.path.join(args.out, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)
