@@ -118,14 +118,15 @@ CHECK_CASES = {
 
 
 def run_checks(out, quick=False, forms=CHECK_FORMS, case_names=tuple(CHECK_CASES),
-               save=lambda: None):
+               save=lambda: None, dtype_names=("bfloat16", "float32")):
     """The oracle checks of :func:`check`, saved after each one. quick: the benchmark case
     only, bf16 only, with resets only (and no decay without)."""
     rng = np.random.default_rng()
     rows = []
     out["checks"] = rows
     cases = [CHECK_CASES[n] for n in case_names]
-    dtypes = ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
+    dtypes = tuple((d, tol) for d, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
+                   if jnp.dtype(d).name in dtype_names)
     for case in [CHECK_CASES["benchmark"]] if quick else cases:
         for form in forms:
             for dtype, tol in dtypes[:1] if quick and form != "none" else dtypes:
@@ -406,6 +407,8 @@ def main():
     p.add_argument("--check-last", action="store_true", help="time first, then check")
     p.add_argument("--check-forms", default=",".join(CHECK_FORMS),
                    help="the decay forms of the oracle checks")
+    p.add_argument("--check-dtypes", default="bfloat16,float32",
+                   help="the input dtypes of the oracle checks")
     p.add_argument("--check-cases", default=",".join(CHECK_CASES),
                    help="the shapes of the oracle checks: " + ", ".join(CHECK_CASES))
     p.add_argument("--impls", default="pallas,xla,fla")
@@ -448,7 +451,7 @@ def main():
     ok = True
     if not args.no_check and not args.check_last:
         ok = run_checks(out, args.quick_check, args.check_forms.split(","),
-                        args.check_cases.split(","), save)
+                        args.check_cases.split(","), save, args.check_dtypes.split(","))
         save()
     if args.check_only:
         log("checks:", "all OK" if ok else "FAILURES")
@@ -463,7 +466,7 @@ def main():
                        save)
     if not args.no_check and args.check_last:
         ok = run_checks(out, args.quick_check, args.check_forms.split(","),
-                        args.check_cases.split(","), save)
+                        args.check_cases.split(","), save, args.check_dtypes.split(","))
     save()
     ppath = os.path.join(args.out, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)

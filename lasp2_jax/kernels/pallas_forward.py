@@ -60,12 +60,17 @@ class BlockSizes:
 def mm(a, b, *, ta: bool = False, tb: bool = False):
     """a @ b with either operand transposed, accumulated in float32.
 
-    Float32 operands are multiplied in float32 (Triton's "ieee"), not in TF32, its default on
-    the GPU: the decay gradient is a difference of sums whose pair terms must round alike on
-    both sides, and TF32's 10-bit operands took its error on an H100 to 1.4e-3 (the bar for
-    float32 inputs is 1e-3). bf16 operands are unaffected."""
+    Float32 operands are not multiplied in plain TF32, Triton's default on the GPU: the decay
+    gradient is a difference of sums whose pair terms must round alike on both sides, and
+    TF32's 10-bit operands took its error on an H100 to 1.4e-3 (the bar for float32 inputs is
+    1e-3). On the GPU they take three TF32 products (about float32's precision, still on the
+    tensor cores; Triton's float32 FMA path spilled so much that a launch ran out of memory),
+    in interpret mode float32 itself. bf16 operands are unaffected."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == _f32 else None
+    precision = None
+    if a.dtype == _f32:
+        precision = (lax.Precision.HIGHEST if compat.pallas_interpret()
+                     else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_f32)
 
 
