@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lasp2_jax.kernels import pallas, pallas_forward, pallas_prescaled, reference, xla  # noqa: E402
+from lasp2_jax.kernels import pallas, pallas_forward, reference, xla  # noqa: E402
 
 FORMS = ("basic", "lightning", "simple_gla", "gla")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -424,9 +424,6 @@ def main():
     p.add_argument("--exact-per-dim", action="store_true",
                    help="the per-dimension decay on the exact kernels only (default: the "
                         "prescaled kernels where every chunk allows them)")
-    p.add_argument("--prescaled-row-state", action="store_true",
-                   help="the prescaled kernels carry the state as [Dk, cols] (default: "
-                        "transposed)")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
@@ -440,9 +437,6 @@ def main():
     if args.exact_per_dim:
         pallas.PRESCALED_PER_DIM = False
     out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM
-    if args.prescaled_row_state:
-        pallas_prescaled.TRANSPOSED_CARRY = False
-    out["prescaled_transposed_carry"] = pallas_prescaled.TRANSPOSED_CARRY
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
     out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
     log(f"DG_SPLIT = {out['dg_split']}, CROSSING_DG_MODES = {out['crossing_dg_modes']}")

@@ -159,58 +159,19 @@ def _chunk_decay_spec(H: int, K: int, rows: int, row_block: bool):
     return pl.BlockSpec((None, None, K, rows), lambda bh, s, j: (bh // H, bh % H, s, 0))
 
 
-# The carried state (or its cotangent) is held transposed, [cols, rows] with rows the Dk
-# dimension: the per-chunk decay diag(ad) then scales its columns by a row vector instead of
-# its rows by a column. Read when a kernel is traced; False: held as [rows, cols].
-TRANSPOSED_CARRY = True
-
-
-def _carry(state):
-    """A state tile [rows, cols] in the form the chunk loops carry it."""
-    return state.T if TRANSPOSED_CARRY else state
-
-
-def _state(carry):
-    """The state tile [rows, cols] of a carried one."""
-    return carry.T if TRANSPOSED_CARRY else carry
-
-
-def _decay(carry, ad):
-    """diag(ad) S on the carried form; ad [rows]."""
-    return ad[None, :] * carry if TRANSPOSED_CARRY else ad[:, None] * carry
-
-
-def _times_state(x, carry):
-    """x S [C, cols] for x [C, rows] (both of one dtype)."""
-    return mm(x, carry, tb=True) if TRANSPOSED_CARRY else mm(x, carry)
-
-
-def _times_state_t(x, carry, split: frozenset):
-    """x S^T [C, rows] for x [C, cols]; S rounded to x's dtype, in two parts where split asks
-    (pallas_forward.lowp)."""
-    s = lowp(carry, x.dtype, "state", split)
-    return mmx(x, s) if TRANSPOSED_CARRY else mmx(x, s, tb=True)
-
-
-def _outer(x, y):
-    """x^T y [rows, cols] in the carried form, for x [C, rows] and y [C, cols]."""
-    return mm(y, x, ta=True) if TRANSPOSED_CARRY else mm(x, y, ta=True)
-
-
 def _output_kernel(qe_ref, ke_ref, kd_ref, v_ref, ad_ref, s0_ref, m_ref, a_ref, o_ref,
                    final_ref, *, c: int, n_chunks: int, scale: float, n_seg: int):
-    def body(ci, state):  # the state's columns [bv] entering chunk ci, carried (_carry)
+    def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, ke, kd, v = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :]
         a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
-        o = mm(a.astype(v.dtype), v) + _times_state(qe, state.astype(qe.dtype))
+        o = mm(a.astype(v.dtype), v) + mm(qe, state.astype(qe.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return _decay(state, ad_ref[ci, :]) + _outer(kd, v)
+        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
 
-    state = lax.fori_loop(0, n_chunks, body,
-                          _carry(segment_entry_state(s0_ref, m_ref, a_ref)))
+    state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
     if n_seg == 1:  # with several segments the caller folds the summaries instead
-        final_ref[...] = _state(state)
+        final_ref[...] = state
 
 
 def forward_outputs(qe, ke, kd, v, ad, s0, m, a, *, chunk: int, scale: float, block_sizes,
@@ -254,59 +215,58 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
 
 def _dq_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref,
                dq_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
-    def body(ci, state):  # rows [bk] of the state entering chunk ci, carried (_carry)
+    def body(ci, state):  # state: rows [bk] of the state entering chunk ci
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, kd, v, do = ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dpl = _masked_dp(do, v, c, scale, ke.dtype)
-        dqe = mm(dpl, ke) + scale * _times_state_t(do, state, split)
+        dqe = mm(dpl, ke) + scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         dq_ref[sl, :] = (dqe * jnp.exp(jnp.cumsum(g_ref[sl, :], axis=0))).astype(dq_ref.dtype)
         if db_ref is not None:
             # q dq = qe dqe, less the diagonal pair, which cancels against k dk (and would
             # only add its rounding error)
             db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * (dqe - _diag(dpl) * ke.astype(_f32))
-        return _decay(state, ad_ref[ci, :]) + _outer(kd, v)
+        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
 
-    lax.fori_loop(0, n_chunks, body, _carry(segment_entry_state(s0_ref, m_ref, a_ref)))
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
 def _dk_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref,
                dk_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
-    def body(i, dh):  # rows [bk] of the cotangent of the state leaving chunk ci, carried
+    def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dpl = _masked_dp(do, v, c, scale, qe.dtype)
         dke = mm(dpl, qe, ta=True)
-        dkd = _times_state_t(v, dh, split)
+        dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         ad = ad_ref[ci, :]
         dk = (dke + ad[None, :] * dkd) * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if db_ref is not None:  # k dk = ke dke + kd dkd, less the diagonal pair (see dq)
             db_ref[sl, :] = (ke_ref[sl, :].astype(_f32) * (dke - _diag(dpl) * qe.astype(_f32))
                              + kd_ref[sl, :].astype(_f32) * dkd)
-        return _decay(dh, ad) + scale * _outer(qe, do)
+        return ad[:, None] * dh + scale * mm(qe, do, ta=True)
 
-    lax.fori_loop(0, n_chunks, body,
-                  _carry(segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True)))
+    lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
 
 def _dv_kernel(qe_ref, ke_ref, kd_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref,
                *, c: int, n_chunks: int, scale: float):
-    def body(i, dh):  # columns [bv] of the cotangent of the state leaving chunk ci, carried
+    def body(i, dh):  # dh: columns [bv] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, ke, kd, do = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], do_ref[sl, :]
         a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
-        dv = scale * mm(a.astype(do.dtype), do, ta=True) + _times_state(kd, dh.astype(kd.dtype))
+        dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(kd, dh.astype(kd.dtype))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return _decay(dh, ad_ref[ci, :]) + scale * _outer(qe, do)
+        return ad_ref[ci, :][:, None] * dh + scale * mm(qe, do, ta=True)
 
     dh = lax.fori_loop(0, n_chunks, body,
-                       _carry(segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True)))
+                       segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
     @pl.when(pl.program_id(1) == 0)
     def _():
-        ds0_ref[...] = _state(dh)  # the cotangent of the initial state
+        ds0_ref[...] = dh  # the cotangent of the initial state
 
 
 def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
