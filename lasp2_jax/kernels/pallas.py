@@ -12,6 +12,10 @@ of each (batch, head) is split into segments that run as separate programs, whic
 The backward mirrors it: summaries of the reverse recurrence, a reverse scan for the cotangent
 of the state leaving each segment, then the dq / dk / dv kernels. Few (batch * heads) still
 fill the GPU: B=1, H=16 gets 16 segments per head.
+
+A per-dimension decay (GLA) takes the prescaled kernels of :mod:`pallas_prescaled`, with the
+decays folded into q and k before the chunk loops, wherever no chunk's decay could overflow
+the folded operands; the exact kernels of pallas_forward / pallas_backward otherwise.
 """
 
 from __future__ import annotations
@@ -191,7 +195,7 @@ def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: boo
 
 
 def _any_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
-    forward = _gated_forward if _prescaled(plan) else _forward
+    forward = _per_dim_forward if _prescaled(plan) else _forward
     return forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
 
 
@@ -257,7 +261,7 @@ def _prescaled(plan: _Plan) -> bool:
     return plan.mode == PER_DIM and PRESCALED_PER_DIM
 
 
-def _gated_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
+def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_forward` for a per-dimension decay. Residuals: the unpadded inputs, the
     prescaled operands, their safety flag, the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
@@ -290,7 +294,7 @@ def _gated_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_gra
     return o, final, (q, k, v, g, s0, qe, ke, kd, ad, safe, m, final)
 
 
-def _gated_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
+def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_backward` for a per-dimension decay, on the path its forward took."""
     q, k, v, g, s0, qe, ke, kd, ad, safe, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
@@ -329,7 +333,7 @@ def _gated_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
 def _chunk_attention_bwd(scale, plan, residuals, cts):
     res, decay_grad = residuals[0], residuals[1] is not None
     do, dst = (dense_cotangent(ct) for ct in cts)
-    backward = _gated_backward if _prescaled(plan) else _backward
+    backward = _per_dim_backward if _prescaled(plan) else _backward
     # given summaries are a function of k, v and g, whose cotangents above are complete
     return (*backward(res, do, dst, scale, plan, decay_grad), None)
 

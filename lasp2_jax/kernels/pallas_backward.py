@@ -113,7 +113,7 @@ def _as_f32(x):
     return x.astype(_f32)
 
 
-def _diag(x):
+def diagonal_column(x):
     """The diagonal of a [C, C] matmul operand (see _as_f32), as a [C, 1] float32 column."""
     x = _as_f32(x)
     eye = (lax.broadcasted_iota(jnp.int32, x.shape, 0)
@@ -163,7 +163,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(k.dtype)
             dq = e * (mmx(dpl, ks) + inter)
             if db_ref is not None:
-                _db_store(db_ref, sl, q, dq - e * _diag(dpl) * _as_f32(ks), mode)
+                _db_store(db_ref, sl, q, dq - e * diagonal_column(dpl) * _as_f32(ks), mode)
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
             fq, fk, fa = (None, None, 1.0) if f is None else f
@@ -176,7 +176,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
                 db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, inter, cc)
             elif db_ref is not None:
-                _db_store(db_ref, sl, q, dq - _diag(scores) * k.astype(_f32), mode)
+                _db_store(db_ref, sl, q, dq - diagonal_column(scores) * k.astype(_f32), mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
@@ -208,7 +208,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
             dpl = jnp.where(causal_mask(cc), dp, 0.0).astype(q.dtype)
             dk = einv * mmx(dpl, qs, ta=True) + inter * fk
             if db_ref is not None:
-                _db_store(db_ref, sl, k, dk - einv * _diag(dpl) * _as_f32(qs), mode)
+                _db_store(db_ref, sl, k, dk - einv * diagonal_column(dpl) * _as_f32(qs), mode)
             q_dh = qs  # q exp(b), as the dS update below needs it
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
@@ -222,7 +222,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
                 db_ref[sl] = pallas_crossing.leaving_and_passing_sums(
                     k, inter, states_ref[sl.start // cc], dh, fa)
             elif db_ref is not None:
-                _db_store(db_ref, sl, k, dk - _diag(scores) * q.astype(_f32), mode)
+                _db_store(db_ref, sl, k, dk - diagonal_column(scores) * q.astype(_f32), mode)
             q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         return fa * dh + scale * mmx(q_dh, do, ta=True)

@@ -378,8 +378,7 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, fast_ref, m_ref, *, c: int, n
         if mode == NONE:
             return acc + scale * mm(x, y, ta=True)
         if mode == PER_DIM and factorised:
-            e, _, fk, fa = fast_factors(bf_ref, sl)
-            fq = e
+            fq, _, fk, fa = fast_factors(bf_ref, sl)
         else:
             fq, fk, fa = load_factors(bf_ref, cnt_ref, sl, mode, factorised=factorised)
         return fa * acc + scale * decayed_tmm(x, fq if side == "q" else fk, y, mode, split)
