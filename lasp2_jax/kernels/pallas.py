@@ -433,7 +433,9 @@ def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
     backward summary kernel, on the same operands, as the backward of
     :func:`chunk_linear_attention` with these arguments: where both are in one program, XLA
     keeps one of the two identical kernel calls. (LASP-2 gathers this cotangent before that
-    backward can run.)
+    backward can run.) A per-dimension decay is the exception: this takes the exact kernels,
+    while the attention's backward takes the prescaled ones where it can, so the two calls
+    differ and both run.
 
     Args:
       q: [B, T, H, Dk]; do: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk].

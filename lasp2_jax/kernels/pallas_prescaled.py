@@ -307,18 +307,16 @@ def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: 
     def with_db(kernel):  # without a decay gradient the kernel's db ref is None
         return kernel if decay_grad else lambda *refs: kernel(*refs, None)
 
-    dq, *dbq = pl.pallas_call(
-        with_db(functools.partial(_dq_kernel, **common)), grid=(B * H, S, dk // bk),
-        in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
-        compiler_params=_params(block_sizes), interpret=interpret,
-        name="lasp2_prescaled_bwd_dq",
-    )(qe, ke, kd, v, do, g, ad, s0, m, a)
-    dk_, *dbk = pl.pallas_call(
-        with_db(functools.partial(_dk_kernel, **common)), grid=(B * H, S, dk // bk),
-        in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
-        compiler_params=_params(block_sizes), interpret=interpret,
-        name="lasp2_prescaled_bwd_dk",
-    )(qe, ke, kd, v, do, g, ad, dst, dm, a)
+    def row_call(kernel, name, state, summaries):
+        """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds."""
+        return pl.pallas_call(
+            with_db(functools.partial(kernel, **common)), grid=(B * H, S, dk // bk),
+            in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
+            compiler_params=_params(block_sizes), interpret=interpret, name=name,
+        )(qe, ke, kd, v, do, g, ad, state, summaries, a)
+
+    dq, *dbq = row_call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m)
+    dk_, *dbk = row_call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm)
     vcol = seq(bv, True)
     dv_, ds0 = pl.pallas_call(
         functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
