@@ -126,6 +126,23 @@ def _db_store(db_ref, sl, x, dx, mode: str):
     _db_put(db_ref, sl, x.astype(_f32) * dx, mode)
 
 
+def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
+    """One side of the difference form off the per-dimension fast path: q dq (x = q, y = k,
+    f = fq) or k dk (x = k, y = q, f = fk), [C, block] float32 before any sum over Dk.
+
+    intra, scores: the intra-chunk term and the [C, C] scores it came from (the diagonal pair
+    is left out, module docstring); inter: the inter-chunk term before the factor f. Its pairs
+    reach the other side through a state, where x * f entered a matmul as ``_scaled`` rounds
+    it; taking the same rounded operand here makes those pair terms equal numbers on both
+    sides, so they cancel in the difference whatever the rounding (a scalar decay then needs
+    no split of the decayed operands, only of the states)."""
+    x32 = x.astype(_f32)
+    own = x32 * (intra - diagonal_column(scores) * y.astype(_f32))
+    if f is None:
+        return own + x32 * inter
+    return own + _as_f32(_scaled(x, f, split)) * inter
+
+
 def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, split: frozenset,
                  *, transpose: bool):
     """The intra-chunk term of dq, (dP * W) k (x = k), or of dk, (dP * W)^T q (x = q,
@@ -167,16 +184,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
             fq, fk, fa = (None, None, 1.0) if f is None else f
-            if fq is not None:
-                inter = inter * fq
             intra, scores = _exact_intra(dp, k, bf_ref, cnt_ref, sl, cc, mode, fast, split,
                                          transpose=False)
-            dq = intra + inter
+            entering = inter if fq is None else inter * fq
+            dq = intra + entering
             if states_ref is not None:  # crossing form
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
-                db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, inter, cc)
+                db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, entering, cc)
             elif db_ref is not None:
-                _db_store(db_ref, sl, q, dq - diagonal_column(scores) * k.astype(_f32), mode)
+                _db_put(db_ref, sl, _difference_side(q, intra, scores, k, fq, inter, split),
+                        mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         return fa * state + mmx(_scaled(k, fk, split), v, ta=True)
 
@@ -213,16 +230,16 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
         else:
             f = load_factors(bf_ref, cnt_ref, sl, mode, before, fast)
             fq, fk, fa = (None, None, 1.0) if f is None else f
-            if fk is not None:
-                inter = inter * fk
             intra, scores = _exact_intra(dp, q, bf_ref, cnt_ref, sl, cc, mode, fast, split,
                                          transpose=True)
-            dk = intra + inter
+            leaving = inter if fk is None else inter * fk
+            dk = intra + leaving
             if states_ref is not None:  # crossing form
                 db_ref[sl] = pallas_crossing.leaving_and_passing_sums(
-                    k, inter, states_ref[sl.start // cc], dh, fa)
+                    k, leaving, states_ref[sl.start // cc], dh, fa)
             elif db_ref is not None:
-                _db_store(db_ref, sl, k, dk - diagonal_column(scores) * q.astype(_f32), mode)
+                _db_put(db_ref, sl, _difference_side(k, intra, scores, q, fk, inter, split),
+                        mode)
             q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         return fa * dh + scale * mmx(q_dh, do, ta=True)

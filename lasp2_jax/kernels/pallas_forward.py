@@ -91,11 +91,17 @@ DG_SPLIT = frozenset({"state", "qk_decay"})
 CROSSING_DG_MODES = frozenset({SCALAR})
 
 
+# A scalar decay's difference form splits only the carried states: its decayed q and k enter
+# the state matmuls rounded once, and the decay gradient takes the same rounded operands
+# (pallas_backward._difference_side), so their pair terms cancel exactly.
+SCALAR_DG_SPLIT = frozenset({"state"})
+
+
 def dg_split(mode: str, decay_grad: bool) -> frozenset:
     """The operands that enter a matmul in two bf16 parts for the log-decay gradient."""
     if mode == NONE or not decay_grad or mode in CROSSING_DG_MODES:
         return frozenset()
-    return DG_SPLIT
+    return SCALAR_DG_SPLIT if mode == SCALAR else DG_SPLIT
 
 
 def lowp(x, dtype, name: str, split: frozenset = frozenset()):
