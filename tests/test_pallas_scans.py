@@ -42,3 +42,16 @@ def test_reverse_decay_sums_match_reverse_cumsum():
     want = np.flip(np.cumsum(np.flip(diff, 1), axis=1), 1)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_reverse_decay_sums_at_two_shapes_in_one_process():
+    """The reverse sums at the oracle checks' two shapes, one after the other (their index maps
+    are the same; only the arrays' shapes differ)."""
+    for B, T, H, Dk in ((2, 384, 2, 128), (1, 4160, 4, 128)):
+        dbq, dbk = (RNG.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
+        final = RNG.standard_normal((B, H, Dk)).astype(np.float32)
+        got = np.asarray(pallas_scans.reverse_decay_sums(dbq, dbk, final, 64))
+        diff = dbq.astype(np.float64) - dbk
+        diff[:, -1] += final
+        want = np.flip(np.cumsum(np.flip(diff, 1), axis=1), 1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)

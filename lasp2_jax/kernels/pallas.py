@@ -266,19 +266,19 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
     prescaled operands, their safety flag, the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     qp, kp, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
-    qe, ke, kd, ad = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
+    qe, ke, ad = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
 
     def prescaled(_):
         a = pallas_prescaled.segment_decays(ad, plan.segments)
         if m_given is not None:
             m = m_given
         elif plan.segments > 1:
-            m = pallas_prescaled.segment_summaries(kd, vp, ad, segments=plan.segments,
+            m = pallas_prescaled.segment_summaries(ke, vp, ad, segments=plan.segments,
                                                    chunk=plan.chunk, block_sizes=plan.fwd,
                                                    reverse=False)
         else:
             m = jnp.zeros((*a.shape[:3], plan.dk, plan.dv), _f32)
-        o, final = pallas_prescaled.forward_outputs(qe, ke, kd, vp, ad, s0p, m, a,
+        o, final = pallas_prescaled.forward_outputs(qe, ke, vp, ad, s0p, m, a,
                                                     chunk=plan.chunk, scale=scale,
                                                     block_sizes=plan.fwd, out_dtype=q.dtype)
         if plan.segments > 1:
@@ -291,12 +291,12 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
 
     safe = pallas_prescaled.all_chunks_safe(ad)
     o, final, m = jax.lax.cond(safe, prescaled, exact, None)
-    return o, final, (q, k, v, g, s0, qe, ke, kd, ad, safe, m, final)
+    return o, final, (q, k, v, g, s0, qe, ke, ad, safe, m, final)
 
 
 def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_backward` for a per-dimension decay, on the path its forward took."""
-    q, k, v, g, s0, qe, ke, kd, ad, safe, m, final = res
+    q, k, v, g, s0, qe, ke, ad, safe, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     final = _pad_axis(_pad_axis(final, 2, plan.dk), 3, plan.dv)
 
@@ -312,7 +312,7 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
         else:
             dm = jnp.zeros_like(m)
         dq, dk, dv, dbq, dbk, ds0 = pallas_prescaled.backward(
-            qe, ke, kd, vp, dop, gp, ad, s0p, m, dstp, dm, a, chunk=plan.chunk, scale=scale,
+            qe, ke, vp, dop, gp, ad, s0p, m, dstp, dm, a, chunk=plan.chunk, scale=scale,
             block_sizes=plan.bwd, decay_grad=decay_grad)
         dg = None
         if decay_grad:  # the difference form, as in _backward

@@ -478,7 +478,10 @@ def segment_entry_state(s0_ref, m_ref, a_ref, reverse: bool = False):
     few [Dk, Dv] tiles per head, read from L2: cheaper than a separate scan launch.
     m_ref [S, rows, cols], a_ref [S, rows], s0_ref [rows, cols].
     """
-    s, n_seg = pl.program_id(1), pl.num_programs(1)
+    # The segment count from the summaries' block, not pl.num_programs(1): on the GPU a kernel
+    # reused for another grid in the same process read the first grid's num_programs
+    # (benchmarks/check_reverse_sums.py).
+    s, n_seg = pl.program_id(1), m_ref.shape[0]
 
     def body(i, st):
         u = n_seg - 1 - i if reverse else i

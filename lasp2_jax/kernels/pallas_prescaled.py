@@ -4,15 +4,17 @@ With b the chunk-local inclusive cumulative sum of the log decays and b_C its va
 chunk's end, a chunk of the recurrence S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t is
 
     o   = scale * ((qe ke^T) * [j <= i]) v + scale * qe S,     S' = diag(ad) S + kd^T v,
-    qe  = q * exp(b),   ke = k * exp(-b),   kd = k * exp(b_C - b),   ad = exp(b_C),
+    qe  = q * exp(b),   ke = k * exp(-b),   kd = ke * ad,   ad = exp(b_C),
 
 which is basic linear attention plus a per-chunk diagonal decay of the carried state. The
 exponentials are taken once, by a kernel that runs over all chunks in parallel
 (:func:`prescale`); the chunk loops then do the basic form's matmuls and nothing elementwise
-but that diagonal. The exact kernels of pallas_forward instead take the exponentials inside
-the sequential chunk loops, on [C, Dk] tiles, in every program of every pass. On an H100 at
-B=1 T=16K H=16 D=128 this took GLA's forward from 0.90 to 0.55 ms and its forward+backward
-from 2.95 to 1.67 ms (benchmarks/NOTES_kernels.md, v8).
+but that diagonal and kd, formed from ke and ad where a loop needs it (:func:`decayed_keys`;
+storing kd as well cost every pass one more [T, Dk] operand to read). The exact kernels of
+pallas_forward instead take the exponentials inside the sequential chunk loops, on [C, Dk]
+tiles, in every program of every pass. On an H100 at B=1 T=16K H=16 D=128 this took GLA's
+forward from 0.90 to 0.55 ms and its forward+backward from 2.95 to 1.67 ms
+(benchmarks/NOTES_kernels.md, v8).
 
 The form is exact only where exp(-b) stays finite: every chunk's total log decay must be above
 pallas_forward.SAFE_LOG_DECAY in every dimension (so no reset either). pallas.py checks that
@@ -65,19 +67,17 @@ def _params(block_sizes):
 # The operands: one program per (batch, chunk, head), all in parallel.
 
 
-def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, kd_ref, ad_ref):
+def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref):
     g = g_ref[...]  # [C, Dk]
     b = jnp.cumsum(g, axis=0)
-    total = jnp.sum(g, axis=0)  # b_C
     q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
     qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
     ke_ref[...] = (k * jnp.exp(-b)).astype(ke_ref.dtype)
-    kd_ref[...] = (k * jnp.exp(jnp.minimum(total[None, :] - b, 0.0))).astype(kd_ref.dtype)
-    ad_ref[...] = jnp.exp(total)
+    ad_ref[...] = jnp.exp(jnp.sum(g, axis=0))  # exp(b_C)
 
 
 def prescale(q, k, g, chunk: int):
-    """qe, ke, kd [B, T, H, Dk] in q's dtype and ad [B, H, T // chunk, Dk] float32 (module
+    """qe, ke [B, T, H, Dk] in q's dtype and ad [B, H, T // chunk, Dk] float32 (module
     docstring), from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk] float32, T a multiple
     of chunk. Where a chunk is not safe (:func:`all_chunks_safe`) the values are meaningless."""
     B, T, H, dk = q.shape
@@ -87,9 +87,9 @@ def prescale(q, k, g, chunk: int):
         _prescale_kernel,
         grid=(B, n, H),
         in_specs=[spec, spec, spec],
-        out_specs=[spec, spec, spec,
+        out_specs=[spec, spec,
                    pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2
         + [jax.ShapeDtypeStruct((B, H, n, dk), _f32)],
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=compat.pallas_interpret(),
@@ -104,6 +104,13 @@ def all_chunks_safe(ad):
     return jnp.all(ad > jnp.exp(jnp.float32(SAFE_LOG_DECAY)))
 
 
+def decayed_keys(ke, ad):
+    """kd = ke * ad [C, block] in ke's dtype: the keys decayed to their chunk's end, from ke
+    [C, block] and the chunk's ad [block]. Every kernel forms it by this same float32 product,
+    so the matmuls of all passes (and the decay gradient's k dk) see the same rounded kd."""
+    return (ke.astype(_f32) * ad[None, :]).astype(ke.dtype)
+
+
 def segment_decays(ad, segments: int):
     """[B, H, S, Dk]: the product of the chunk decays ad [B, H, N, Dk] over each segment."""
     B, H, n, dk = ad.shape
@@ -116,7 +123,7 @@ def segment_decays(ad, segments: int):
 
 def _summary_kernel(x_ref, y_ref, ad_ref, m_ref, *, c: int, n_chunks: int, reverse: bool,
                     scale: float):
-    """Forward (x = kd, y = v, chunks in order): M = sum over the segment of its chunks'
+    """Forward (x = ke, y = v, chunks in order): M = sum over the segment of its chunks'
     kd^T v, each decayed by the chunks after it. Backward (x = qe, y = dO, in reverse): what the
     segment's outputs send to the state entering it, scale * sum of qe^T dO decayed by the
     chunks before each."""
@@ -124,14 +131,16 @@ def _summary_kernel(x_ref, y_ref, ad_ref, m_ref, *, c: int, n_chunks: int, rever
     def body(i, acc):
         ci = n_chunks - 1 - i if reverse else i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        return ad_ref[ci, :][:, None] * acc + scale * mm(x_ref[sl, :], y_ref[sl, :], ta=True)
+        ad = ad_ref[ci, :]
+        x = x_ref[sl, :] if reverse else decayed_keys(x_ref[sl, :], ad)
+        return ad[:, None] * acc + scale * mm(x, y_ref[sl, :], ta=True)
 
     m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
 
 
 def segment_summaries(x, y, ad, *, segments: int, chunk: int, block_sizes, reverse: bool,
                       scale: float = 1.0):
-    """[B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`); x [B, T, H, Dk] (kd or qe),
+    """[B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`); x [B, T, H, Dk] (ke or qe),
     y [B, T, H, Dv] (v or dO), ad [B, H, T // chunk, Dk]."""
     B, T, H, dk = x.shape
     dv = y.shape[-1]
@@ -161,22 +170,22 @@ def _chunk_decay_spec(H: int, K: int, rows: int, row_block: bool):
     return pl.BlockSpec((None, None, K, rows), lambda bh, s, j: (bh // H, bh % H, s, 0))
 
 
-def _output_kernel(qe_ref, ke_ref, kd_ref, v_ref, ad_ref, s0_ref, m_ref, a_ref, o_ref,
-                   final_ref, *, c: int, n_chunks: int, scale: float, n_seg: int):
+def _output_kernel(qe_ref, ke_ref, v_ref, ad_ref, s0_ref, m_ref, a_ref, o_ref, final_ref, *,
+                   c: int, n_chunks: int, scale: float, n_seg: int):
     def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        qe, ke, kd, v = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :]
+        qe, ke, v, ad = qe_ref[sl, :], ke_ref[sl, :], v_ref[sl, :], ad_ref[ci, :]
         a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
         o = mm(a.astype(v.dtype), v) + mm(qe, state.astype(qe.dtype))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
+        return ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
 
     state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
     if n_seg == 1:  # with several segments the caller folds the summaries instead
         final_ref[...] = state
 
 
-def forward_outputs(qe, ke, kd, v, ad, s0, m, a, *, chunk: int, scale: float, block_sizes,
+def forward_outputs(qe, ke, v, ad, s0, m, a, *, chunk: int, scale: float, block_sizes,
                     out_dtype):
     """Outputs [B, T, H, Dv] and, with one segment, the final state [B, H, Dk, Dv] float32
     (with several, that output is not written: fold the summaries).
@@ -193,7 +202,7 @@ def forward_outputs(qe, ke, kd, v, ad, s0, m, a, *, chunk: int, scale: float, bl
     return pl.pallas_call(
         functools.partial(_output_kernel, c=chunk, n_chunks=L // chunk, scale=scale, n_seg=S),
         grid=(B * H, S, dv // bv),
-        in_specs=[full, full, full, vcol, _chunk_decay_spec(H, L // chunk, dk, False),
+        in_specs=[full, full, vcol, _chunk_decay_spec(H, L // chunk, dk, False),
                   *summary_specs(H, S, dk, bv, row_block=False)],
         out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
                                       lambda bh, s, j: (bh // H, bh % H, 0, j))],
@@ -202,7 +211,7 @@ def forward_outputs(qe, ke, kd, v, ad, s0, m, a, *, chunk: int, scale: float, bl
         compiler_params=_params(block_sizes),
         interpret=compat.pallas_interpret(),
         name="lasp2_prescaled_fwd",
-    )(qe, ke, kd, v, ad, s0, m, a)
+    )(qe, ke, v, ad, s0, m, a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,11 +224,11 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
     return jnp.where(causal_mask(c), scale * mm(do, v, tb=True), 0.0).astype(dtype)
 
 
-def _dq_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref,
-               dq_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
+               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        ke, kd, v, do = ke_ref[sl, :], kd_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
         dpl = _masked_dp(do, v, c, scale, ke.dtype)
         dqe = mm(dpl, ke) + scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         dq_ref[sl, :] = (dqe * jnp.exp(jnp.cumsum(g_ref[sl, :], axis=0))).astype(dq_ref.dtype)
@@ -228,13 +237,13 @@ def _dq_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_r
             # only add its rounding error)
             pair = diagonal_column(dpl) * ke.astype(_f32)
             db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * (dqe - pair)
-        return ad_ref[ci, :][:, None] * state + mm(kd, v, ta=True)
+        return ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
-def _dk_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref,
-               dk_ref, db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, dk_ref,
+               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
     def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -247,23 +256,25 @@ def _dk_kernel(qe_ref, ke_ref, kd_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if db_ref is not None:  # k dk = ke dke + kd dkd, less the diagonal pair (see dq)
             pair = diagonal_column(dpl) * qe.astype(_f32)
-            db_ref[sl, :] = (ke_ref[sl, :].astype(_f32) * (dke - pair)
-                             + kd_ref[sl, :].astype(_f32) * dkd)
+            ke = ke_ref[sl, :]
+            db_ref[sl, :] = (ke.astype(_f32) * (dke - pair)
+                             + decayed_keys(ke, ad).astype(_f32) * dkd)
         return ad[:, None] * dh + scale * mm(qe, do, ta=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
 
-def _dv_kernel(qe_ref, ke_ref, kd_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref,
-               *, c: int, n_chunks: int, scale: float):
+def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
+               c: int, n_chunks: int, scale: float):
     def body(i, dh):  # dh: columns [bv] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        qe, ke, kd, do = qe_ref[sl, :], ke_ref[sl, :], kd_ref[sl, :], do_ref[sl, :]
+        qe, ke, do, ad = qe_ref[sl, :], ke_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
         a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
-        dv = scale * mm(a.astype(do.dtype), do, ta=True) + mm(kd, dh.astype(kd.dtype))
+        dv = (scale * mm(a.astype(do.dtype), do, ta=True)
+              + mm(decayed_keys(ke, ad), dh.astype(ke.dtype)))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return ad_ref[ci, :][:, None] * dh + scale * mm(qe, do, ta=True)
+        return ad[:, None] * dh + scale * mm(qe, do, ta=True)
 
     dh = lax.fori_loop(0, n_chunks, body,
                        segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
@@ -273,13 +284,13 @@ def _dv_kernel(qe_ref, ke_ref, kd_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, d
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
+def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
              block_sizes, decay_grad: bool):
     """dq, dk, dv [B, T, H, *] (input dtype), q dq and k dk for the log-decay gradient
     ([B, T, H, Dk] float32, the diagonal pairs left out; None without decay_grad) and the
     initial-state cotangent [B, H, Dk, Dv] float32.
 
-    qe, ke, kd, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
+    qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
     and forward summaries; dst, dm the final-state cotangent and backward summaries; a the
     segment decays. block_sizes: pallas_backward.BlockSizes.
     """
@@ -297,7 +308,7 @@ def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: 
                             else (lambda bh, s, j: (bh // H, s, bh % H, 0)))
 
     kblock = seq(bk, True)
-    row_specs = [kblock, kblock, kblock, seq(dv, False), seq(dv, False), kblock,
+    row_specs = [kblock, kblock, seq(dv, False), seq(dv, False), kblock,
                  _chunk_decay_spec(H, K, bk, True), *summary_specs(H, S, bk, dv, True)]
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
@@ -313,7 +324,7 @@ def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: 
             with_db(functools.partial(kernel, **common)), grid=(B * H, S, dk // bk),
             in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
             compiler_params=_params(block_sizes), interpret=interpret, name=name,
-        )(qe, ke, kd, v, do, g, ad, state, summaries, a)
+        )(qe, ke, v, do, g, ad, state, summaries, a)
 
     dq, *dbq = row_call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m)
     dk_, *dbk = row_call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm)
@@ -321,7 +332,7 @@ def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: 
     dv_, ds0 = pl.pallas_call(
         functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
         grid=(B * H, S, dv // bv),
-        in_specs=[seq(dk, False), seq(dk, False), seq(dk, False), vcol,
+        in_specs=[seq(dk, False), seq(dk, False), vcol,
                   _chunk_decay_spec(H, K, dk, False), *summary_specs(H, S, dk, bv, False)],
         out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
                                       lambda bh, s, j: (bh // H, bh % H, 0, j))],
@@ -329,5 +340,5 @@ def backward(qe, ke, kd, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: 
                    jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
         compiler_params=_params(block_sizes), interpret=interpret,
         name="lasp2_prescaled_bwd_dv",
-    )(qe, ke, kd, do, ad, dst, dm, a)
+    )(qe, ke, do, ad, dst, dm, a)
     return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0

@@ -64,14 +64,16 @@ def decay_tables(g, chunk: int):
     )(g)
 
 
-def _reverse_sums_kernel(dbq_ref, dbk_ref, final_ref, after_ref, dg_ref):
+def _reverse_sums_kernel(dbq_ref, dbk_ref, end_ref, after_ref, dg_ref):
     x = dbq_ref[...] - dbk_ref[...]  # [C, Dk]
     c = x.shape[0]
     # The final state's term enters at the sequence's last token, before any sum: there it
-    # nearly cancels k dk (see pallas.py).
-    last = ((lax.broadcasted_iota(jnp.int32, x.shape, 0) == c - 1)
-            & (pl.program_id(1) == pl.num_programs(1) - 1))
-    x = x + jnp.where(last, final_ref[...][None, :], 0.0)
+    # nearly cancels k dk (see pallas.py). end_ref holds it for the last chunk, zeros for the
+    # others. (Not a test of program_id against num_programs: on the GPU, a kernel compiled
+    # for one grid and then launched for another in the same process read the first grid's
+    # num_programs, benchmarks/check_reverse_sums.py.)
+    last_row = lax.broadcasted_iota(jnp.int32, x.shape, 0) == c - 1
+    x = x + jnp.where(last_row, end_ref[...][None, :], 0.0)
     # sum_{s >= t} x_s = (chunk total) - (sum_{s < t} x_s): a forward scan, which Triton has.
     dg_ref[...] = (jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x
                    + after_ref[...][None, :])
@@ -87,7 +89,8 @@ def reverse_decay_sums(dbq, dbk, final_term, chunk: int):
     B, T, H, dk = dbq.shape
     n = T // chunk
     totals = jnp.sum((dbq - dbk).reshape(B, n, chunk, H, dk), axis=2)  # [B, N, H, Dk]
-    totals = totals.at[:, -1].add(final_term)
+    end = jnp.zeros_like(totals).at[:, -1].set(final_term)  # the final term, by chunk
+    totals = totals + end
     from_end = jnp.cumsum(jnp.flip(totals, 1), axis=1)
     after = jnp.flip(jnp.concatenate([jnp.zeros_like(from_end[:, :1]), from_end[:, :-1]], 1),
                      1)  # sum over the chunks after each chunk
@@ -95,11 +98,11 @@ def reverse_decay_sums(dbq, dbk, final_term, chunk: int):
     return pl.pallas_call(
         _reverse_sums_kernel,
         grid=(B, n, H),
-        in_specs=[spec, spec, pl.BlockSpec((None, None, dk), lambda b, i, h: (b, h, 0)),
+        in_specs=[spec, spec, pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, i, h, 0)),
                   pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, i, h, 0))],
         out_specs=spec,
         out_shape=jax.ShapeDtypeStruct(dbq.shape, _f32),
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=compat.pallas_interpret(),
         name="lasp2_reverse_decay_sums",
-    )(dbq, dbk, final_term, after)
+    )(dbq, dbk, end, after)
