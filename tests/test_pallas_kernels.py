@@ -349,14 +349,17 @@ def test_gpu_decay_gradient_after_another_shape():
     for B, T, H, D in ((2, 333, 2, 72), (1, 4096 + 37, 4, 128)):
         q, k, v, g, s0 = _inputs(B, T, H, D, D, "gla")
         do = RNG.standard_normal((B, T, H, D)).astype(np.float32)
-        got, want = (_decay_gradient(backends.get_backend(name), q, k, v, g, s0, do)
+        dst = RNG.standard_normal((B, H, D, D)).astype(np.float32)
+        got, want = (_decay_gradient(backends.get_backend(name), q, k, v, g, s0, do, dst)
                      for name in ("pallas", "xla"))
         assert _rel(got, want) < 1e-3, (B, T, H, D)
 
 
-def _decay_gradient(backend, q, k, v, g, s0, do):
-    """d <o, do> / d g of the backend's causal attention (scale Dk^-0.5)."""
+def _decay_gradient(backend, q, k, v, g, s0, do, dst):
+    """d (<o, do> + <S_T, dst>) / d g of the backend's causal attention (scale Dk^-0.5). The
+    final state's term matters: it enters the reverse sums at the last token only."""
     def loss(g_):
-        o, _ = backend.chunk_attention(q, k, v, g_, scale=q.shape[-1] ** -0.5, initial_state=s0)
-        return jnp.sum(o * do)
+        o, st = backend.chunk_attention(q, k, v, g_, scale=q.shape[-1] ** -0.5,
+                                        initial_state=s0)
+        return jnp.sum(o * do) + jnp.sum(st * dst)
     return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(g)))
