@@ -311,14 +311,13 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
                                                     reverse=True, scale=scale)
         else:
             dm = jnp.zeros_like(m)
-        dq, dk, dv, dbq, dbk, chunk_totals, ds0 = pallas_prescaled.backward(
+        dq, dk, dv, dbq, dbk, ds0 = pallas_prescaled.backward(
             qe, ke, vp, dop, gp, ad, s0p, m, dstp, dm, a, chunk=plan.chunk, scale=scale,
             block_sizes=plan.bwd, decay_grad=decay_grad)
         dg = None
         if decay_grad:  # the difference form, as in _backward
             final_term = jnp.sum(final * dstp, axis=-1)
-            dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk,
-                                                 chunk_totals)
+            dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
             dg = dg[:, :T, :, :Dk]
         return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg,
                 ds0[:, :, :Dk, :Dv])

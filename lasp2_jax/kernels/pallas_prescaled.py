@@ -224,16 +224,8 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
     return jnp.where(causal_mask(c), scale * mm(do, v, tb=True), 0.0).astype(dtype)
 
 
-def _store_db(db_ref, total_ref, sl, ci, db):
-    """One chunk's q dq or k dk [C, bk]: its rows, and its column sums into the chunk's row of
-    the totals that the reverse sums start from (pallas_scans.reverse_decay_sums), which an
-    XLA reduction over all of db took otherwise."""
-    db_ref[sl, :] = db
-    total_ref[ci, :] = jnp.sum(db, axis=0)
-
-
 def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
-               db_ref, total_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
@@ -244,14 +236,14 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
             # q dq = qe dqe, less the diagonal pair, which cancels against k dk (and would
             # only add its rounding error)
             pair = diagonal_column(dpl) * ke.astype(_f32)
-            _store_db(db_ref, total_ref, sl, ci, qe_ref[sl, :].astype(_f32) * (dqe - pair))
+            db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * (dqe - pair)
         return ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
 def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, dk_ref,
-               db_ref, total_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
     def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -265,8 +257,8 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         if db_ref is not None:  # k dk = ke dke + kd dkd, less the diagonal pair (see dq)
             pair = diagonal_column(dpl) * qe.astype(_f32)
             ke = ke_ref[sl, :]
-            _store_db(db_ref, total_ref, sl, ci, ke.astype(_f32) * (dke - pair)
-                      + decayed_keys(ke, ad).astype(_f32) * dkd)
+            db_ref[sl, :] = (ke.astype(_f32) * (dke - pair)
+                             + decayed_keys(ke, ad).astype(_f32) * dkd)
         return ad[:, None] * dh + scale * mm(qe, do, ta=True)
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
@@ -294,9 +286,8 @@ def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, d
 
 def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
              block_sizes, decay_grad: bool):
-    """dq, dk, dv [B, T, H, *] (input dtype); for the log-decay gradient q dq and k dk
-    ([B, T, H, Dk] float32, the diagonal pairs left out) and the chunk totals of their
-    difference ([B, H, T // chunk, Dk] float32), all three None without decay_grad; and the
+    """dq, dk, dv [B, T, H, *] (input dtype), q dq and k dk for the log-decay gradient
+    ([B, T, H, Dk] float32, the diagonal pairs left out; None without decay_grad) and the
     initial-state cotangent [B, H, Dk, Dv] float32.
 
     qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
@@ -321,19 +312,17 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
                  _chunk_decay_spec(H, K, bk, True), *summary_specs(H, S, bk, dv, True)]
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
-    totals = jax.ShapeDtypeStruct(ad.shape, _f32)
-    outs = [grad, db, totals] if decay_grad else [grad]
-    out_specs = [kblock, kblock, _chunk_decay_spec(H, K, bk, True)][:len(outs)]
+    outs = [grad, db] if decay_grad else [grad]
     common = dict(c=chunk, n_chunks=K, scale=scale, split=split)
 
-    def with_db(kernel):  # without a decay gradient the kernel's db and total refs are None
-        return kernel if decay_grad else lambda *refs: kernel(*refs, None, None)
+    def with_db(kernel):  # without a decay gradient the kernel's db ref is None
+        return kernel if decay_grad else lambda *refs: kernel(*refs, None)
 
     def row_call(kernel, name, state, summaries):
         """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds."""
         return pl.pallas_call(
             with_db(functools.partial(kernel, **common)), grid=(B * H, S, dk // bk),
-            in_specs=row_specs, out_specs=out_specs, out_shape=outs,
+            in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
             compiler_params=_params(block_sizes), interpret=interpret, name=name,
         )(qe, ke, v, do, g, ad, state, summaries, a)
 
@@ -352,6 +341,4 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
         compiler_params=_params(block_sizes), interpret=interpret,
         name="lasp2_prescaled_bwd_dv",
     )(qe, ke, do, ad, dst, dm, a)
-    if not decay_grad:
-        return dq, dk_, dv_, None, None, None, ds0
-    return dq, dk_, dv_, dbq[0], dbk[0], dbq[1] - dbk[1], ds0
+    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0

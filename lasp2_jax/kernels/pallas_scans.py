@@ -79,21 +79,16 @@ def _reverse_sums_kernel(dbq_ref, dbk_ref, end_ref, after_ref, dg_ref):
                    + after_ref[...][None, :])
 
 
-def reverse_decay_sums(dbq, dbk, final_term, chunk: int, chunk_totals=None):
+def reverse_decay_sums(dbq, dbk, final_term, chunk: int):
     """dg_t = sum_{s >= t} (dbq_s - dbk_s), with final_term added at the last token.
 
-    dbq, dbk: [B, T, H, Dk] float32, T a multiple of chunk; final_term [B, H, Dk];
-    chunk_totals: [B, H, T // chunk, Dk], the sums of dbq - dbk over each chunk where the
-    kernels that wrote them also summed them (None: summed here). The chunks after each chunk
-    enter as one total each, summed by XLA over the T / chunk chunk totals.
+    dbq, dbk: [B, T, H, Dk] float32, T a multiple of chunk; final_term [B, H, Dk]. The chunks
+    after each chunk enter as one total each, summed by XLA over the T / chunk chunk totals.
     Returns dg [B, T, H, Dk] float32.
     """
     B, T, H, dk = dbq.shape
     n = T // chunk
-    if chunk_totals is None:
-        totals = jnp.sum((dbq - dbk).reshape(B, n, chunk, H, dk), axis=2)  # [B, N, H, Dk]
-    else:
-        totals = jnp.moveaxis(chunk_totals, 1, 2)
+    totals = jnp.sum((dbq - dbk).reshape(B, n, chunk, H, dk), axis=2)  # [B, N, H, Dk]
     end = jnp.zeros_like(totals).at[:, -1].set(final_term)  # the final term, by chunk
     totals = totals + end
     from_end = jnp.cumsum(jnp.flip(totals, 1), axis=1)
