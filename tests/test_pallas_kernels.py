@@ -82,9 +82,9 @@ def test_chunk_attention_matches_recurrence(case):
 
 @pytest.fixture
 def difference_dg(monkeypatch):
-    """The difference form of the scalar decay gradient (q dq - k dk, reverse cumsum, hi/lo
-    split operands) instead of the default crossing form (traced anew: the jit caches are
-    cleared before and after)."""
+    """The difference form of the scalar decay gradient (q dq - k dk, reverse cumsum, the
+    carried states in two bf16 parts) instead of the default crossing form (traced anew: the
+    jit caches are cleared before and after)."""
     monkeypatch.setattr(pallas_forward, "CROSSING_DG_MODES", frozenset())
     jax.clear_caches()
     yield

@@ -335,8 +335,9 @@ def decayed_mm(x, f, y, mode: str):
 
 
 def decayed_tmm(x, f, y, mode: str, split: frozenset = frozenset()):
-    """(diag(f) x)^T y for the chunk's k-side factor f; with a scalar decay (and no split
-    operands wanted) the factor scales y's [C, block] rows instead of x's [C, Dk]."""
+    """(diag(f) x)^T y for the chunk's k-side factor f; with a scalar decay (and no decay
+    gradient in the difference form, which needs diag(f) x as pallas_backward rounds it) the
+    factor scales y's [C, block] rows instead of x's [C, Dk]."""
     if mode == SCALAR and not split:
         return mm(x, _scaled(y, f), ta=True)
     return mmx(_scaled(x, f, split), y, ta=True)
@@ -401,7 +402,7 @@ def segment_summary(x, y, bf, cnt, fast, *, mode: str, num_segments: int, heads:
     x [B, T, H, Dk]; y [B, T, H, Dv]; bf, cnt [B, H, T] or [B, T, H, Dk] and the per-segment
     flags fast [B, H, S] of :func:`chunk_loop` (all None without decay).
     T, Dk, Dv already padded: T = S * K * C, Dk and Dv powers of two. decay_grad: the log-decay
-    gradient will be taken (decayed operands enter in two bf16 parts, see DG_SPLIT).
+    gradient will be taken (decayed operands enter as dg_split says).
     """
     B, T, H, dk = x.shape
     dv = y.shape[-1]
@@ -518,7 +519,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_re
         S      <- diag(exp(b_C)) S + (diag(exp(b_C - b_j)) k)^T v.
     """
     # The final state feeds the log-decay gradient: with one segment it comes from this
-    # recurrence, which then keeps the decayed k in two bf16 parts (see DG_SPLIT).
+    # recurrence, which then takes the decayed k as dg_split says.
     split = dg_split(mode, decay_grad) if n_seg == 1 else frozenset()
 
     def load(sl):
