@@ -13,8 +13,8 @@ but that diagonal and kd, formed from ke and ad where a loop needs it (:func:`de
 storing kd as well cost every pass one more [T, Dk] operand to read). The exact kernels of
 pallas_forward instead take the exponentials inside the sequential chunk loops, on [C, Dk]
 tiles, in every program of every pass. On an H100 at B=1 T=16K H=16 D=128 this took GLA's
-forward from 0.90 to 0.55 ms and its forward+backward from 2.95 to 1.67 ms
-(benchmarks/NOTES_kernels.md, v8).
+forward from 0.90 to 0.55 ms and its forward+backward from 2.95 to 1.67 ms, and forming kd in
+the loops to 0.42 / 1.56 ms (benchmarks/NOTES_kernels.md, v8 and v9).
 
 The form is exact only where exp(-b) stays finite: every chunk's total log decay must be above
 pallas_forward.SAFE_LOG_DECAY in every dimension (so no reset either). pallas.py checks that
