@@ -417,9 +417,10 @@ def main():
                    help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
-                   help="override pallas_forward.DG_SPLIT: comma list, or 'none'")
+                   help="override the operands split for a difference-form decay gradient "
+                        "(pallas_forward.DG_SPLIT and SCALAR_DG_SPLIT): comma list, or 'none'")
     p.add_argument("--difference-dg", action="store_true",
-                   help="the scalar decay's gradient as q dq - k dk with split operands "
+                   help="the scalar decay's gradient as q dq - k dk, the states split "
                         "(default: summed over crossing pairs, no split)")
     p.add_argument("--exact-per-dim", action="store_true",
                    help="the per-dimension decay on the exact kernels only (default: the "
@@ -431,15 +432,17 @@ def main():
     out = dict(device=dev.device_kind, jax=jax.__version__, platform=dev.platform)
     if args.dg_split is not None:
         split = [] if args.dg_split == "none" else args.dg_split.split(",")
-        pallas_forward.DG_SPLIT = frozenset(split)
+        pallas_forward.DG_SPLIT = pallas_forward.SCALAR_DG_SPLIT = frozenset(split)
     if args.difference_dg:
         pallas_forward.CROSSING_DG_MODES = frozenset()
     if args.exact_per_dim:
         pallas.PRESCALED_PER_DIM = False
     out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
+    out["scalar_dg_split"] = sorted(pallas_forward.SCALAR_DG_SPLIT)
     out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
-    log(f"DG_SPLIT = {out['dg_split']}, CROSSING_DG_MODES = {out['crossing_dg_modes']}")
+    log(f"DG_SPLIT = {out['dg_split']}, SCALAR_DG_SPLIT = {out['scalar_dg_split']}, "
+        f"CROSSING_DG_MODES = {out['crossing_dg_modes']}")
     log(f"device {dev.device_kind}  jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, f"{args.tag}.json")

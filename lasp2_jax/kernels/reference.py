@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _broadcast_decay(log_decay, shape):
@@ -103,3 +104,11 @@ def softmax_attention_reference(q, k, v, *, causal=True, scale=None, segment_ids
     logits = jnp.where(mask, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhij,bjhe->bihe", probs, v)
+
+
+def reverse_decay_sums_reference(dbq, dbk, final_term):
+    """float64 numpy twin of pallas_scans.reverse_decay_sums: dg_t = sum_{s >= t} (dbq_s -
+    dbk_s), with final_term [B, H, Dk] added at the last token. dbq, dbk: [B, T, H, Dk]."""
+    diff = np.asarray(dbq, np.float64) - np.asarray(dbk, np.float64)
+    diff[:, -1] += np.asarray(final_term, np.float64)
+    return np.flip(np.cumsum(np.flip(diff, 1), axis=1), 1)
