@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import bench_kernels as BK  # noqa: E402
 from benchmarks.profile_kernels import traced_events  # noqa: E402
 from lasp2_jax.kernels import pallas_crossing as PC  # noqa: E402
+from lasp2_jax.kernels import pallas_forward  # noqa: E402
 
 PARTS = ("inside_and_entering_sums", "leaving_and_passing_sums")
 _ZEROS = {  # each part's stand-in: zeros of its [C] output
@@ -40,6 +41,8 @@ CASES = [("lightning", ()), ("simple_gla", ()), ("simple_gla", PARTS[:1]),
 def run_case(form, off, shape, calls):
     B, T, H, D = shape
     originals = {name: getattr(PC, name) for name in PARTS}
+    crossing_modes = pallas_forward.CROSSING_DG_MODES
+    pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})  # not the default
     try:
         for name in off:
             setattr(PC, name, _ZEROS[name])
@@ -59,6 +62,7 @@ def run_case(form, off, shape, calls):
     finally:
         for name, fn in originals.items():
             setattr(PC, name, fn)
+        pallas_forward.CROSSING_DG_MODES = crossing_modes
         jax.clear_caches()
     kernels = {e.replace("lasp2_chunk_attention_bwd_", ""): ms for e, ms in events
                if e.startswith("lasp2_chunk_attention_bwd_")}

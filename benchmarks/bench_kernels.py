@@ -15,6 +15,7 @@ HBM floor moves every input and output once at the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -216,7 +217,9 @@ def jax_calls(impl, shape, scale, config=None):
             o, vjp = jax.vjp(lambda a, b, c: attn(a, b, c, g_), q_, k_, v_)
         else:
             o, vjp = jax.vjp(attn, q_, k_, v_, g_)
-        return vjp(do_)
+        # o is returned too: a training step needs it, as FLA's timed call computes it (with
+        # the gradients alone XLA would drop the forward's output kernel).
+        return o, vjp(do_)
 
     return jax.jit(attn), fwd_bwd
 
@@ -321,16 +324,18 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
                     if impl == "fla":
                         t_f, t_fb, err = bench_fla(form, qn, kn, vn, gn, don, scale)
                     else:
-                        cfg = None if variant is None else VARIANTS[variant]
+                        cfg = VARIANTS.get(variant)
                         try:
-                            t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
+                            with switched(variant):
+                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
                         except Exception:
                             if impl != "pallas" or not pallas_forward.FAST_PATH_MODES:
                                 raise
                             traceback.print_exc(limit=3)
                             pallas_forward.FAST_PATH_MODES = frozenset()
                             name += "(exact)"
-                            t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
+                            with switched(variant):
+                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
                 except Exception as e:  # a kernel that does not run here is a result too
                     t_f = t_fb = float("nan")
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -369,6 +374,35 @@ def _variants():
 
 
 VARIANTS = _variants()
+
+# Variants that set module switches, read when the kernels are traced, instead of a Config.
+# "difference_nosplit" (the scalar difference form with no operand split) is for timing only:
+# without the split its decay gradient fails the bf16 bar (benchmarks/NOTES_kernels.md).
+SWITCHES = {
+    "crossing": {"CROSSING_DG_MODES": frozenset({pallas_forward.SCALAR})},
+    "dvsummary": {"SUMMARY_ROW_BLOCKS": False},
+    "difference_nosplit": {"SCALAR_DG_SPLIT": frozenset()},
+}
+
+
+@contextlib.contextmanager
+def switched(variant):
+    """pallas_forward's switches as the variant sets them, restored afterwards. The jit caches
+    are cleared on both sides: inner jitted functions would otherwise keep the kernels traced
+    under the other setting."""
+    changes = SWITCHES.get(variant, {})
+    saved = {n: getattr(pallas_forward, n) for n in changes}
+    for n, value in changes.items():
+        setattr(pallas_forward, n, value)
+    if changes:
+        jax.clear_caches()
+    try:
+        yield
+    finally:
+        for n, value in saved.items():
+            setattr(pallas_forward, n, value)
+        if changes:
+            jax.clear_caches()
 
 
 def plot(rows, path):
@@ -414,14 +448,14 @@ def main():
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="",
-                   help="comma list of " + ", ".join(VARIANTS))
+                   help="comma list of " + ", ".join([*VARIANTS, *SWITCHES]))
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
                    help="override the operands split for a difference-form decay gradient "
                         "(pallas_forward.DG_SPLIT and SCALAR_DG_SPLIT): comma list, or 'none'")
-    p.add_argument("--difference-dg", action="store_true",
-                   help="the scalar decay's gradient as q dq - k dk, the states split "
-                        "(default: summed over crossing pairs, no split)")
+    p.add_argument("--crossing-dg", action="store_true",
+                   help="the scalar decay's gradient summed over crossing pairs, no split "
+                        "(default: q dq - k dk, the states split)")
     p.add_argument("--exact-per-dim", action="store_true",
                    help="the per-dimension decay on the exact kernels only (default: the "
                         "prescaled kernels where every chunk allows them)")
@@ -433,8 +467,8 @@ def main():
     if args.dg_split is not None:
         split = [] if args.dg_split == "none" else args.dg_split.split(",")
         pallas_forward.DG_SPLIT = pallas_forward.SCALAR_DG_SPLIT = frozenset(split)
-    if args.difference_dg:
-        pallas_forward.CROSSING_DG_MODES = frozenset()
+    if args.crossing_dg:
+        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
     if args.exact_per_dim:
         pallas.PRESCALED_PER_DIM = False
     out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM
@@ -462,7 +496,7 @@ def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     shapes = shapes[:1] if args.quick else shapes
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v not in SWITCHES]
     if unknown:
         p.error(f"unknown variants {unknown}")
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,

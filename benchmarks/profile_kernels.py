@@ -74,15 +74,16 @@ def main():
     p.add_argument("--forms", default="basic,lightning,simple_gla")
     p.add_argument("--shape", default="1x16384", help="BxT")
     p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--difference-dg", action="store_true",
-                   help="the scalar decay's gradient as q dq - k dk with split operands")
+    p.add_argument("--crossing-dg", action="store_true",
+                   help="the scalar decay's gradient summed over crossing pairs (default: the "
+                        "difference form, q dq - k dk with the states split)")
     p.add_argument("--hlo", action="store_true", help="also write the compiled forward's HLO")
     p.add_argument("--quick", action="store_true", help="tiny shape (CPU dry run)")
     p.add_argument("--tag", default="profile_kernels")
     p.add_argument("--out", default=BK.RESULTS)
     args = p.parse_args()
-    if args.difference_dg:
-        pallas_forward.CROSSING_DG_MODES = frozenset()
+    if args.crossing_dg:
+        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
     B, T = (int(x) for x in args.shape.split("x"))
     H, D = (2, 32) if args.quick else (16, 128)
     T, calls = (256, 2) if args.quick else (T, args.calls)

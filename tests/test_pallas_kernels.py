@@ -81,26 +81,25 @@ def test_chunk_attention_matches_recurrence(case):
 
 
 @pytest.fixture
-def difference_dg(monkeypatch):
-    """The difference form of the scalar decay gradient (q dq - k dk, reverse cumsum, the
-    carried states in two bf16 parts) instead of the default crossing form (traced anew: the
-    jit caches are cleared before and after)."""
-    monkeypatch.setattr(pallas_forward, "CROSSING_DG_MODES", frozenset())
+def crossing_dg(monkeypatch):
+    """The crossing form of the scalar decay gradient (sums over the pairs that cross each
+    position, the entering states stored by dq for dk) instead of the default difference form
+    (traced anew: the jit caches are cleared before and after)."""
+    monkeypatch.setattr(pallas_forward, "CROSSING_DG_MODES", frozenset({pallas_forward.SCALAR}))
     jax.clear_caches()
     yield
     jax.clear_caches()
 
 
-# The older form is the alternative, not the default: its hardest cases (resets over two
+# The crossing form is the alternative, not the default: its hardest cases (resets over two
 # segments, strong decays) keep it tested at a fraction of the suite's time.
 SCALAR_CASES = [c for c in CASES if c[0] in ("scalar-resets-c64", "scalar-strong")]
 
 
 @pytest.mark.parametrize("case", SCALAR_CASES, ids=[c[0] for c in SCALAR_CASES])
-def test_difference_decay_gradient_matches_recurrence(case, difference_dg):
-    """The learned scalar decay's gradient as a difference of q dq and k dk sums (the form the
-    per-dimension decay uses), with resets, strong decays and several segments: every output
-    and gradient still matches."""
+def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
+    """The learned scalar decay's gradient summed over crossing pairs, with resets, strong
+    decays and several segments: every output and gradient still matches."""
     _check_case(case)
 
 

@@ -13,10 +13,13 @@ The log-decay gradient uses the identity of the exponent's linearity in the pref
 b_t = sum_{s<=t} g_s: dL/db_t = q_t * dq_t - k_t * dk_t (+ sum_e S_T dS_T at t = T), so
 dg_t = sum_{s>=t} dL/db_s; the kernels emit q*dq and k*dk, the caller sums them up. The
 diagonal pair (i = j) adds the same dP_tt W_tt (q_t . k_t) to both products and cancels in the
-difference: both kernels leave it out, which keeps that large pair out of the sums (with a
-strong decay it dominates each product; in float32 the dg error drops 3-4x).
+difference. With float32 inputs both kernels leave it out, which keeps that large pair out of
+the sums (with a strong decay it dominates each product; in float32 the dg error dropped 3-4x);
+with bf16 inputs it stays in, as it cancels there to float32 accumulation error
+(:func:`_difference_side`).
 
-Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES): dg_u is the sum of the pair
+Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative that is not
+the default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
 terms P_ts = exp(b_t - b_s) (q_t . k_s) (dO_t . v_s) over s < u <= t, with no cancellation.
 Per chunk: the pairs inside it (corner sums of P, from the dq kernel), those entering from
 earlier chunks into t >= u (suffix sums of q_t . dq_inter_t, dq kernel), those leaving from
@@ -130,14 +133,20 @@ def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
     """One side of the difference form off the per-dimension fast path: q dq (x = q, y = k,
     f = fq) or k dk (x = k, y = q, f = fk), [C, block] float32 before any sum over Dk.
 
-    intra, scores: the intra-chunk term and the [C, C] scores it came from (the diagonal pair
-    is left out, module docstring); inter: the inter-chunk term before the factor f. Its pairs
+    intra, scores: the intra-chunk term and the [C, C] scores it came from; inter: the
+    inter-chunk term before the factor f. The diagonal pair is left out for float32 inputs
+    only (module docstring). With bf16 operands both sides form it from the same rounded
+    score and the same bf16 q_t and k_t, whose products are exact in float32, so it cancels
+    to float32 accumulation error anyway, and the [C, C] diagonal reduction it costs (a
+    shuffle across the row of an MMA tile) took 0.1 ms of GLA's dk kernel on an H100 (v9). Its pairs
     reach the other side through a state, where x * f entered a matmul as ``_scaled`` rounds
     it; taking the same rounded operand here makes those pair terms equal numbers on both
     sides, so they cancel in the difference whatever the rounding (a scalar decay then needs
     no split of the decayed operands, only of the states)."""
     x32 = x.astype(_f32)
-    own = x32 * (intra - diagonal_column(scores) * y.astype(_f32))
+    own = x32 * intra
+    if x.dtype == _f32:
+        own = own - x32 * diagonal_column(scores) * y.astype(_f32)
     if f is None:
         return own + x32 * inter
     return own + _as_f32(_scaled(x, f, split)) * inter

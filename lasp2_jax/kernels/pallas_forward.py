@@ -86,9 +86,11 @@ DG_SPLIT = frozenset({"state", "qk_decay"})
 # The forms whose log-decay gradient is instead summed over the pairs that cross each position
 # (pallas_backward): no cancellation, so no operand needs the split (bf16 error ~2e-3 in
 # benchmarks/dg_precision_study.py, 2.4e-3 on an H100). Read when a kernel is traced. Only the
-# scalar form has it; on an H100 it took the learned scalar decay's forward+backward from 1.19
-# to 0.98 ms (B=1 T=16K H=16 D=128, benchmarks/NOTES_kernels.md).
-CROSSING_DG_MODES = frozenset({SCALAR})
+# scalar form can take it ({SCALAR}); it was its default from v6 to v9. Since v10 the scalar
+# difference form (SCALAR_DG_SPLIT) is faster: on an H100 at B=1 T=16K H=16 D=128, simple GLA's
+# forward+backward took 0.902 ms against 0.992 ms crossing, with the bf16 decay gradient at
+# 1.7e-3 (5.1e-3 under strong decays) against 2.4e-3 (benchmarks/NOTES_kernels.md, v10).
+CROSSING_DG_MODES = frozenset()
 
 
 # A scalar decay's difference form splits only the carried states: its decayed q and k enter
@@ -394,6 +396,10 @@ def _summary_kernel(x_ref, y_ref, bf_ref, cnt_ref, fast_ref, m_ref, *, c: int, n
                             fast_ref=fast_ref)
 
 
+# Whether a scalar decay's difference-form summaries take Dk blocks (see segment_summary).
+SUMMARY_ROW_BLOCKS = True
+
+
 def segment_summary(x, y, bf, cnt, fast, *, mode: str, num_segments: int, heads: int,
                     block_sizes: BlockSizes, reverse: bool, side: str, scale: float,
                     decay_grad: bool = True):
@@ -408,25 +414,30 @@ def segment_summary(x, y, bf, cnt, fast, *, mode: str, num_segments: int, heads:
     dv = y.shape[-1]
     c, S = block_sizes.chunk, num_segments
     L = T // S
-    bv = min(block_sizes.block_v, dv)
-    grid = (B * H, S, dv // bv)
-    def seq(d):
-        return pl.BlockSpec((None, L, None, d), lambda bh, s, j: (bh // H, s, bh % H, 0))
-    in_specs = [seq(dk),
-                pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))]
+    split = dg_split(mode, decay_grad)
+    # Each program owns a [Dk, block_v] tile of M and so reads all of x; but where x's rows are
+    # scaled before the matmul (a scalar decay's difference form, see decayed_tmm) it owns a
+    # [block_v, Dv] tile instead, so that it scales [C, block_v] and not [C, Dk].
+    rows = mode == SCALAR and bool(split) and SUMMARY_ROW_BLOCKS
+    bx, by = (min(block_sizes.block_v, dk), dv) if rows else (dk, min(block_sizes.block_v, dv))
+    grid = (B * H, S, (dk // bx) * (dv // by))
+    def seq(d, blocked):
+        return pl.BlockSpec((None, L, None, d), lambda bh, s, j: (bh // H, s, bh % H,
+                                                                  j if blocked else 0))
+    in_specs = [seq(bx, rows), seq(by, not rows)]
     dargs, dspecs = decay_operands(bf, cnt, L, H, dk, fast)
     args = [x, y, *dargs]
     in_specs += dspecs
     kernel = functools.partial(_summary_kernel, c=c, n_chunks=L // c, mode=mode,
-                               reverse=reverse, side=side, scale=scale,
-                               split=dg_split(mode, decay_grad))
+                               reverse=reverse, side=side, scale=scale, split=split)
     kernel = with_decay_refs(kernel, 2, bf is not None)
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, None, dk, bv),
-                               lambda bh, s, j: (bh // H, bh % H, s, 0, j)),
+        out_specs=pl.BlockSpec((None, None, None, bx, by),
+                               lambda bh, s, j: (bh // H, bh % H, s, j if rows else 0,
+                                                 0 if rows else j)),
         out_shape=jax.ShapeDtypeStruct((B, H, S, dk, dv), _f32),
         compiler_params=compat.triton_compiler_params(block_sizes.num_warps,
                                                       block_sizes.num_stages),
