@@ -135,10 +135,10 @@ def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
 
     intra, scores: the intra-chunk term and the [C, C] scores it came from; inter: the
     inter-chunk term before the factor f. The diagonal pair is left out for float32 inputs
-    only (module docstring). With bf16 operands both sides form it from the same rounded
-    score and the same bf16 q_t and k_t, whose products are exact in float32, so it cancels
-    to float32 accumulation error anyway, and the [C, C] diagonal reduction it costs (a
-    shuffle across the row of an MMA tile) took 0.1 ms of GLA's dk kernel on an H100 (v9). Its pairs
+    only (module docstring). With bf16 inputs both sides form it from the same score (rounded
+    alike by both kernels for a scalar decay, float32 per dimension) and the same bf16 q_t and
+    k_t, so it cancels to float32 rounding anyway; and the [C, C] diagonal reduction that
+    leaving it out costs took 0.1 ms of GLA's dk kernel on an H100 (NOTES_kernels.md, v9). Its pairs
     reach the other side through a state, where x * f entered a matmul as ``_scaled`` rounds
     it; taking the same rounded operand here makes those pair terms equal numbers on both
     sides, so they cancel in the difference whatever the rounding (a scalar decay then needs
