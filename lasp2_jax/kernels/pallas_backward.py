@@ -18,8 +18,8 @@ the sums (with a strong decay it dominates each product; in float32 the dg error
 with bf16 inputs it stays in, as it cancels there to float32 accumulation error
 (:func:`_difference_side`).
 
-Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative that is not
-the default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
+Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative, not the
+default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
 terms P_ts = exp(b_t - b_s) (q_t . k_s) (dO_t . v_s) over s < u <= t, with no cancellation.
 Per chunk: the pairs inside it (corner sums of P, from the dq kernel), those entering from
 earlier chunks into t >= u (suffix sums of q_t . dq_inter_t, dq kernel), those leaving from
@@ -138,11 +138,12 @@ def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
     only (module docstring). With bf16 inputs both sides form it from the same score (rounded
     alike by both kernels for a scalar decay, float32 per dimension) and the same bf16 q_t and
     k_t, so it cancels to float32 rounding anyway; and the [C, C] diagonal reduction that
-    leaving it out costs took 0.1 ms of GLA's dk kernel on an H100 (NOTES_kernels.md, v9). Its pairs
-    reach the other side through a state, where x * f entered a matmul as ``_scaled`` rounds
-    it; taking the same rounded operand here makes those pair terms equal numbers on both
-    sides, so they cancel in the difference whatever the rounding (a scalar decay then needs
-    no split of the decayed operands, only of the states)."""
+    leaving it out costs took 0.1 ms of GLA's dk kernel on an H100 (NOTES_kernels.md, v9).
+
+    The inter-chunk term's pairs reach the other side through a state, where x * f entered a
+    matmul as ``_scaled`` rounds it; taking the same rounded operand here makes those pair
+    terms equal numbers on both sides, so they cancel in the difference whatever the rounding
+    (a scalar decay then needs no split of the decayed operands, only of the states)."""
     x32 = x.astype(_f32)
     own = x32 * intra
     if x.dtype == _f32:
