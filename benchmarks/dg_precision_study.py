@@ -15,6 +15,15 @@ running states) for one head and compares, against a float64 oracle:
   via totals   the same, but the pairs passing over a chunk from a running sum of per-chunk
                totals (a kernel holds either the forward or the reverse state, not both)
 
+and the difference form as the kernels compute it since v9 (pallas_backward._difference_side:
+the decayed q and k rounded once and used alike on both sides, so only the carried states'
+rounding is left), with the states' matmul operand
+
+  states bf16  rounded to bf16 (one matmul)
+  split        in two bf16 parts (two matmuls: the kernels' default)
+  states fp16  rounded to fp16's 11-bit significand, its exponent range ignored (one fp16
+               matmul with ideally scaled operands: what a kernel could do instead of the split)
+
   python benchmarks/dg_precision_study.py            # prints a table of relative errors
 
 The "crossing" form would replace the split in the kernels if its error stays below 1e-2.
@@ -99,6 +108,42 @@ def difference_form(q, k, v, do, a, C, split):
     return np.cumsum(contrib[::-1])[::-1]
 
 
+def fp16_significand(x):
+    """Round to fp16's 11-bit significand, ignoring fp16's exponent range (as if each operand
+    were scaled by a power of two into range first), returned as float32."""
+    m, e = np.frexp(np.asarray(x, np.float64))
+    return np.ldexp(np.round(m * 2048) / 2048, e).astype(np.float32)
+
+
+STATE_ROUNDING = {"bf16": lambda x: bf16(x), "split": lambda x: x,
+                  "fp16": lambda x: fp16_significand(x)}
+
+
+def kernel_difference_form(q, k, v, do, a, C, state="split"):
+    """dg as the kernels form it since v9: the difference form with the diagonal pair kept
+    (bf16 inputs), every decayed q and k rounded to bf16 once and used alike in the states and
+    in q.dq and k.dk, the states entering the inter-chunk matmuls as STATE_ROUNDING[state]."""
+    T = len(a)
+    n = T // C
+    b, tot = _chunk_tables(a, C)
+    h, dh = _states(q, k, v, do, a, C, True)
+    rounded = STATE_ROUNDING[state]
+    causal = np.tril(np.ones((C, C), bool))
+    contrib = np.zeros(T, np.float64)
+    for c in range(n):
+        sl = slice(c * C, (c + 1) * C)
+        qc, kc, vc, dc, bc = q[sl], k[sl], v[sl], do[sl], b[c]
+        decay = np.where(causal, np.exp(np.where(causal, bc[:, None] - bc[None, :], 0.0)), 0.0)
+        wdp = bf16(mm(dc, vc.T) * decay)  # dP * W, one bf16 operand for both sides
+        inter_q = mm(dc, rounded(h[c]).T, False)
+        inter_k = mm(vc, rounded(dh[c]).T, False)
+        qd, kd = bf16(qc * np.exp(bc)[:, None]), bf16(kc * np.exp(tot[c] - bc)[:, None])
+        r = np.sum(qc * mm(wdp, kc) + qd * inter_q, axis=1)
+        w = np.sum(kc * mm(wdp.T, qc) + kd * inter_k, axis=1)
+        contrib[sl] = r - w
+    return np.cumsum(contrib[::-1])[::-1]
+
+
 def crossing_form(q, k, v, do, a, C, passing_from_totals=False):
     """dg_u as the sum over crossing pairs, every operand rounded to bf16.
 
@@ -152,7 +197,9 @@ def main():
     T, D, C = args.tokens, args.dim, args.chunk
     rng = np.random.default_rng()
     print(f"T={T} D={D} C={C}, relative error of d log_decay against float64")
-    print(f"{'decays':<10}{'difference':>12}{'split':>12}{'crossing':>12}{'via totals':>12}")
+    cols = ("difference", "split", "crossing", "via totals", "states bf16", "split",
+            "states fp16")
+    print(f"{'decays':<10}" + "".join(f"{c:>12}" for c in cols))
     for name, lo, hi in (("weak", 0.001, 0.1), ("gla", 0.01, 0.5), ("strong", 0.5, 4.0)):
         errs = []
         for _ in range(args.trials):
@@ -162,7 +209,9 @@ def main():
             errs.append([rel_err(difference_form(q, k, v, do, a, C, False), ref),
                          rel_err(difference_form(q, k, v, do, a, C, True), ref),
                          rel_err(crossing_form(q, k, v, do, a, C), ref),
-                         rel_err(crossing_form(q, k, v, do, a, C, True), ref)])
+                         rel_err(crossing_form(q, k, v, do, a, C, True), ref),
+                         *(rel_err(kernel_difference_form(q, k, v, do, a, C, st), ref)
+                           for st in ("bf16", "split", "fp16"))])
         e = np.max(errs, axis=0)
         print(f"{name:<10}" + "".join(f"{x:>12.2e}" for x in e))
 

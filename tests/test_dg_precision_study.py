@@ -1,5 +1,5 @@
-"""benchmarks/dg_precision_study.py: with rounding switched off, both chunked forms of the
-decay gradient equal the float64 pair-sum oracle, and that oracle equals autodiff."""
+"""benchmarks/dg_precision_study.py: with rounding switched off, every chunked form of the
+decay gradient equals the float64 pair-sum oracle, and that oracle equals autodiff."""
 
 import os
 import sys
@@ -35,8 +35,17 @@ def test_oracle_matches_autodiff():
 @pytest.mark.parametrize("lo,hi", [(0.001, 0.1), (0.5, 4.0)], ids=["weak", "strong"])
 def test_unrounded_forms_match_oracle(monkeypatch, lo, hi):
     monkeypatch.setattr(S, "bf16", lambda x: np.asarray(x, np.float32))
+    monkeypatch.setattr(S, "fp16_significand", lambda x: np.asarray(x, np.float32))
     q, k, v, do, a = _inputs(256, 16, lo, hi)
     ref = S.oracle(q, k, v, do, a)
     assert S.rel_err(S.crossing_form(q, k, v, do, a, 32), ref) < 1e-4
     assert S.rel_err(S.crossing_form(q, k, v, do, a, 32, passing_from_totals=True), ref) < 1e-4
     assert S.rel_err(S.difference_form(q, k, v, do, a, 32, split=True), ref) < 1e-3
+    for state in S.STATE_ROUNDING:
+        assert S.rel_err(S.kernel_difference_form(q, k, v, do, a, 32, state), ref) < 1e-4
+
+
+def test_fp16_significand_keeps_eleven_bits():
+    x = np.random.default_rng().standard_normal(1000).astype(np.float32) * 1e6
+    err = np.abs(S.fp16_significand(x) - x) / np.abs(x)
+    assert err.max() <= 2.0 ** -11 and err.max() > 2.0 ** -14
