@@ -382,31 +382,25 @@ SWITCHES = {
     "crossing": {"CROSSING_DG_MODES": frozenset({pallas_forward.SCALAR})},
     "dvsummary": {"SUMMARY_ROW_BLOCKS": False},
     "difference_nosplit": {"SCALAR_DG_SPLIT": frozenset()},
-    "fp16_states": {"FP16_STATE_OPERANDS": True},
 }
-
-
-def _switch_module(name):
-    """The kernel module that owns switch ``name``."""
-    return pallas_forward if hasattr(pallas_forward, name) else pallas.pallas_backward
 
 
 @contextlib.contextmanager
 def switched(variant):
-    """The kernel modules' switches as the variant sets them, restored afterwards. The jit
-    caches are cleared on both sides: inner jitted functions would otherwise keep the kernels
-    traced under the other setting."""
+    """pallas_forward's switches as the variant sets them, restored afterwards. The jit caches
+    are cleared on both sides: inner jitted functions would otherwise keep the kernels traced
+    under the other setting."""
     changes = SWITCHES.get(variant, {})
-    saved = {n: getattr(_switch_module(n), n) for n in changes}
+    saved = {n: getattr(pallas_forward, n) for n in changes}
     for n, value in changes.items():
-        setattr(_switch_module(n), n, value)
+        setattr(pallas_forward, n, value)
     if changes:
         jax.clear_caches()
     try:
         yield
     finally:
         for n, value in saved.items():
-            setattr(_switch_module(n), n, value)
+            setattr(pallas_forward, n, value)
         if changes:
             jax.clear_caches()
 
@@ -462,9 +456,6 @@ def main():
     p.add_argument("--crossing-dg", action="store_true",
                    help="the scalar decay's gradient summed over crossing pairs, no split "
                         "(default: q dq - k dk, the states split)")
-    p.add_argument("--fp16-states", action="store_true",
-                   help="the experimental fp16 state operands of the decay gradient's backward "
-                        "(pallas_backward.FP16_STATE_OPERANDS) for every check and timing")
     p.add_argument("--exact-per-dim", action="store_true",
                    help="the per-dimension decay on the exact kernels only (default: the "
                         "prescaled kernels where every chunk allows them)")
@@ -480,9 +471,6 @@ def main():
         pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
     if args.exact_per_dim:
         pallas.PRESCALED_PER_DIM = False
-    if args.fp16_states:
-        pallas.pallas_backward.FP16_STATE_OPERANDS = True
-    out["fp16_state_operands"] = pallas.pallas_backward.FP16_STATE_OPERANDS
     out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
     out["scalar_dg_split"] = sorted(pallas_forward.SCALAR_DG_SPLIT)

@@ -86,33 +86,6 @@ class BlockSizes:
 
 
 
-# An experiment, off by default: with bf16 inputs and the states split for the decay gradient,
-# the dq and dk kernels' inter-chunk products take the state and the other operand in fp16
-# instead (one matmul, 11-bit significands; benchmarks/dg_precision_study.py puts its decay
-# gradient error near the split's), each tile scaled into fp16's range by a power of two from
-# its maximum. Read when a kernel is traced.
-FP16_STATE_OPERANDS = False
-
-
-def _pow2_scale(x):
-    """A power of two that brings max |x| (a tile, any float dtype) to [2^12, 2^13): exact to
-    apply, and leaves fp16 (max 65504) room. A zero tile gets 2^112, which keeps it zero."""
-    top = jnp.maximum(jnp.max(jnp.abs(x.astype(_f32))), 2.0 ** -100)
-    return jnp.exp2(13.0 - jnp.ceil(jnp.log2(top)))
-
-
-def _state_product(x, state, split: frozenset):
-    """x @ state^T [C, rows] float32 for x [C, Dv] (input dtype) and a carried state (or its
-    cotangent) [rows, Dv] float32, the state rounded or split as ``split`` says (lowp), or in
-    fp16 under FP16_STATE_OPERANDS."""
-    if FP16_STATE_OPERANDS and "state" in split and x.dtype == jnp.bfloat16:
-        sx, ss = _pow2_scale(x), _pow2_scale(state)
-        prod = mm((x.astype(_f32) * sx).astype(jnp.float16),
-                  (state * ss).astype(jnp.float16), tb=True)
-        return prod * (1.0 / sx) * (1.0 / ss)  # exact: powers of two
-    return mmx(x, lowp(state, x.dtype, "state", split), tb=True)
-
-
 def _decay_block_operands(bf, cnt, fast, L: int, H: int, bk: int):
     """Like decay_operands, but per-dimension decays are cut into Dk blocks of bk."""
     args, specs = decay_operands(bf, cnt, L, H, bk, fast)
@@ -208,7 +181,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
     def step(sl, cc, state, before, fast, tiles):
         q, k, v, do = tiles
         dp = scale * mm(do, v, tb=True)
-        inter = scale * _state_product(do, state, split)
+        inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         if fast and mode == PER_DIM:
             # dq = exp(b) * ((dP masked) (k exp(-b)) + dO S^T): k exp(-b) enters in two bf16
             # parts, so the decay gradient q * dq keeps ~16 bits (see DG_SPLIT).
@@ -255,7 +228,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
     def step(sl, cc, dh, before, fast, tiles):
         q, k, v, do = tiles
         dp = scale * mm(do, v, tb=True)
-        inter = _state_product(v, dh, split)
+        inter = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         if fast and mode == PER_DIM:
             e, einv, fk, fa = fast_factors(bf_ref, sl)
             qs = lowp(q.astype(_f32) * e, q.dtype, "qk_decay", split)
