@@ -423,7 +423,7 @@ def plot(rows, path):
                 vals = [next((r[key] for r in rows if r["B"] == B and r["T"] == T and
                               r["form"] == f and r["impl"] == impl), np.nan) for f in FORMS]
                 ax.bar(np.arange(len(FORMS)) + ii * 0.27, vals, 0.27, label=impl)
-            ax.set_xticks(np.arange(len(FORMS)) + 0.27)
+            ax.set_xticks(np.arange(len(FORMS)) + 0.27 * (len(impls) - 1) / 2)
             ax.set_xticklabels(FORMS)
             ax.set_ylabel("ms")
             ax.set_title(f"{key[:-3]}  B={B} T={T} H=16 D=128 bf16")
