@@ -20,7 +20,7 @@ the decayed q and k rounded once and used alike on both sides, so only the carri
 rounding is left), with the states' matmul operand
 
   states bf16  rounded to bf16 (one matmul)
-  split        in two bf16 parts (two matmuls: the kernels' default)
+  states split in two bf16 parts (two matmuls: the kernels' default)
   states fp16  rounded to fp16's 11-bit significand, its exponent range ignored (one fp16
                matmul with ideally scaled operands: what a kernel could do instead of the split)
 
@@ -115,6 +115,7 @@ def fp16_significand(x):
     return np.ldexp(np.round(m * 2048) / 2048, e).astype(np.float32)
 
 
+# The functions are looked up at each call, so that the tests can switch the rounding off.
 STATE_ROUNDING = {"bf16": lambda x: bf16(x), "split": lambda x: x,
                   "fp16": lambda x: fp16_significand(x)}
 
@@ -197,9 +198,9 @@ def main():
     T, D, C = args.tokens, args.dim, args.chunk
     rng = np.random.default_rng()
     print(f"T={T} D={D} C={C}, relative error of d log_decay against float64")
-    cols = ("difference", "split", "crossing", "via totals", "states bf16", "split",
+    cols = ("difference", "split", "crossing", "via totals", "states bf16", "states split",
             "states fp16")
-    print(f"{'decays':<10}" + "".join(f"{c:>12}" for c in cols))
+    print(f"{'decays':<10}" + "".join(f"{c:>13}" for c in cols))
     for name, lo, hi in (("weak", 0.001, 0.1), ("gla", 0.01, 0.5), ("strong", 0.5, 4.0)):
         errs = []
         for _ in range(args.trials):
@@ -213,7 +214,7 @@ def main():
                          *(rel_err(kernel_difference_form(q, k, v, do, a, C, st), ref)
                            for st in ("bf16", "split", "fp16"))])
         e = np.max(errs, axis=0)
-        print(f"{name:<10}" + "".join(f"{x:>12.2e}" for x in e))
+        print(f"{name:<10}" + "".join(f"{x:>13.2e}" for x in e))
 
 
 if __name__ == "__main__":
