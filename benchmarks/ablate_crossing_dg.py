@@ -26,7 +26,6 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import bench_kernels as BK  # noqa: E402
 from benchmarks.profile_kernels import traced_events  # noqa: E402
 from lasp2_jax.kernels import pallas_crossing as PC  # noqa: E402
-from lasp2_jax.kernels import pallas_forward  # noqa: E402
 
 PARTS = ("inside_and_entering_sums", "leaving_and_passing_sums")
 _ZEROS = {  # each part's stand-in: zeros of its [C] output
@@ -41,29 +40,26 @@ CASES = [("lightning", ()), ("simple_gla", ()), ("simple_gla", PARTS[:1]),
 def run_case(form, off, shape, calls):
     B, T, H, D = shape
     originals = {name: getattr(PC, name) for name in PARTS}
-    crossing_modes = pallas_forward.CROSSING_DG_MODES
-    pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})  # not the default
-    try:
-        for name in off:
-            setattr(PC, name, _ZEROS[name])
-        jax.clear_caches()  # the kernels are traced anew with the stand-ins
-        rng = np.random.default_rng(0)
-        q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
-                       for _ in range(4))
-        gn = BK.make_decay(rng, form, B, T, H, D)
-        g = jnp.asarray(gn)
-        _, fwd_bwd = BK.jax_calls("pallas", q.shape, D ** -0.5)
+    with BK.switched("crossing"):  # not the default form
+        try:
+            for name in off:
+                setattr(PC, name, _ZEROS[name])
+            jax.clear_caches()  # the kernels are traced anew with the stand-ins
+            rng = np.random.default_rng(0)
+            q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
+                           for _ in range(4))
+            gn = BK.make_decay(rng, form, B, T, H, D)
+            g = jnp.asarray(gn)
+            _, fwd_bwd = BK.jax_calls("pallas", q.shape, D ** -0.5)
 
-        def call():
-            return fwd_bwd(q, k, v, g, do)
+            def call():
+                return fwd_bwd(q, k, v, g, do)
 
-        events, total = traced_events(call, calls)
-        median = BK.time_calls(call, BK.jax_sync)
-    finally:
-        for name, fn in originals.items():
-            setattr(PC, name, fn)
-        pallas_forward.CROSSING_DG_MODES = crossing_modes
-        jax.clear_caches()
+            events, total = traced_events(call, calls)
+            median = BK.time_calls(call, BK.jax_sync)
+        finally:
+            for name, fn in originals.items():
+                setattr(PC, name, fn)
     kernels = {e.replace("lasp2_chunk_attention_bwd_", ""): ms for e, ms in events
                if e.startswith("lasp2_chunk_attention_bwd_")}
     return dict(form=form, zeroed=list(off), fwd_bwd_ms=median, device_ms=total,

@@ -385,23 +385,31 @@ SWITCHES = {
 }
 
 
+def set_switches(variant):
+    """Set pallas_forward's switches as the variant says (none for a Config variant or None)
+    and return their previous values. Kernels already traced keep the old setting: call
+    before the first trace, or use :func:`switched`."""
+    changes = SWITCHES.get(variant, {})
+    saved = {n: getattr(pallas_forward, n) for n in changes}
+    for n, value in changes.items():
+        setattr(pallas_forward, n, value)
+    return saved
+
+
 @contextlib.contextmanager
 def switched(variant):
     """pallas_forward's switches as the variant sets them, restored afterwards. The jit caches
     are cleared on both sides: inner jitted functions would otherwise keep the kernels traced
     under the other setting."""
-    changes = SWITCHES.get(variant, {})
-    saved = {n: getattr(pallas_forward, n) for n in changes}
-    for n, value in changes.items():
-        setattr(pallas_forward, n, value)
-    if changes:
+    saved = set_switches(variant)
+    if saved:
         jax.clear_caches()
     try:
         yield
     finally:
         for n, value in saved.items():
             setattr(pallas_forward, n, value)
-        if changes:
+        if saved:
             jax.clear_caches()
 
 
@@ -468,7 +476,7 @@ def main():
         split = [] if args.dg_split == "none" else args.dg_split.split(",")
         pallas_forward.DG_SPLIT = pallas_forward.SCALAR_DG_SPLIT = frozenset(split)
     if args.crossing_dg:
-        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
+        set_switches("crossing")
     if args.exact_per_dim:
         pallas.PRESCALED_PER_DIM = False
     out["prescaled_per_dim"] = pallas.PRESCALED_PER_DIM

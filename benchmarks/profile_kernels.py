@@ -83,7 +83,7 @@ def main():
     p.add_argument("--out", default=BK.RESULTS)
     args = p.parse_args()
     if args.crossing_dg:
-        pallas_forward.CROSSING_DG_MODES = frozenset({pallas_forward.SCALAR})
+        BK.set_switches("crossing")
     B, T = (int(x) for x in args.shape.split("x"))
     H, D = (2, 32) if args.quick else (16, 128)
     T, calls = (256, 2) if args.quick else (T, args.calls)
