@@ -127,6 +127,46 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return totals
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def describe_fusions(hlo_text: str, names) -> dict[str, str]:
+    """For each event name that is an instruction of the compiled HLO (XLA names a fusion's
+    kernel after it): "<result shape> <op kinds inside> [<the jax op it came from>]", e.g.
+    "bf16[1,65536,8192] fusion: multiply [.../mlp/mul]". Names the HLO does not hold (library
+    kernels such as cuBLAS's) are left out.
+    """
+    bodies, current = {}, None
+    instructions = {}
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" "):  # a computation's header: "%name (...) -> ..."
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            bodies[current] = set()
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, op = m.groups()
+        if current is not None:
+            bodies[current].add(op)
+        calls, source = _CALLS.search(line), _OP_NAME.search(line)
+        # Kernels are named after the instruction with "_" for ".": loop_multiply_fusion_7.
+        instructions[name.replace(".", "_")] = (
+            shape.split("{")[0], op, calls.group(1) if calls else None,
+            source.group(1).split("/", 1)[-1] if source else "")
+    out = {}
+    for name in names:
+        if name not in instructions:
+            continue
+        shape, op, called, source = instructions[name]
+        inner = sorted(bodies.get(called, ()) - {"parameter"}) if called else []
+        out[name] = (f"{shape} {op}" + (": " + ", ".join(inner) if inner else "")
+                     + (f" [{source}]" if source else ""))
+    return out
+
+
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
@@ -137,6 +177,10 @@ def main():
                     help="model:sp:tokens[:option...], as in bench_train --cases")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--top", type=int, default=20, help="how many events to list by time")
+    ap.add_argument("--save-hlo", action="store_true",
+                    help="also write the compiled step's HLO text (<out>/<tag>.hlo.txt), to "
+                         "look up what the listed fusions compute")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     # Imported here: the trace summary above serves profile_kernels.py too, which must not
@@ -169,9 +213,14 @@ def main():
                    step_wall_ms=wall * 1e3, collective_bytes=collectives,
                    collective_ops=[line.strip()[:300] for line in hlo.splitlines()
                                    if _COLLECTIVE_OP.search(line)],
-                   **summarize(trace, args.steps))
+                   **summarize(trace, args.steps, args.top))
+    summary["top_fusions"] = describe_fusions(hlo, [n for n, _ in
+                                                    summary["top_events_ms_per_step"]])
     with open(os.path.join(args.out, tag + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if args.save_hlo:
+        with open(os.path.join(args.out, tag + ".hlo.txt"), "w") as f:
+            f.write(hlo)
     print(f"\n{summary['card']} x{case.sp}, {args.case}: step {summary['step_wall_ms']:.1f} ms "
           f"(wall, with the profiler)")
     for cat, ms in summary["ms_per_step"].items():
@@ -181,8 +230,9 @@ def main():
     for key, size in sorted(collectives.items()):
         print(f"  {size / 1e6:10.1f}  {key}")
     print("top events (ms per device and step):")
-    for name, ms in summary["top_events_ms_per_step"][:10]:
-        print(f"  {ms:10.2f}  {name[:90]}")
+    for name, ms in summary["top_events_ms_per_step"][:args.top]:
+        what = summary["top_fusions"].get(name, "")
+        print(f"  {ms:10.2f}  {name[:40]:<40} {what[:120]}")
 
 
 if __name__ == "__main__":

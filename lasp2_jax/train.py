@@ -37,6 +37,7 @@ from lasp2_jax.config import (  # noqa: F401 - re-exported: the configs of a run
     resolve_mesh,
     validate,
 )
+from lasp2_jax.loss import chunked_cross_entropy
 from lasp2_jax.mesh import logical_axis_rules, logical_to_spec, make_mesh  # noqa: F401
 from lasp2_jax.metrics import (
     MetricsWriter,
@@ -46,7 +47,6 @@ from lasp2_jax.metrics import (
 )
 from lasp2_jax.metrics import peak_flops_per_device as _device_peak_flops
 from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
-from lasp2_jax.models.layers import constrain, token_groups
 
 # --------------------------------------------------------------------------- model state
 
@@ -105,61 +105,6 @@ def init_state(cfg: TrainConfig, tx, shardings):
 
 
 # --------------------------------------------------------------------------- loss and step
-
-
-@jax.custom_vjp
-def logits_f32(h, w):
-    """h [..., D] and w [D, V] in the compute dtype -> float32 logits [..., V].
-
-    The backward rounds the logits' float32 cotangent to h's dtype first, so both of its
-    matmuls (dh, dw) take bf16 operands. Left to autodiff they would run on float32 operands
-    (TF32 at best): for Llama-3's 128K vocabulary about 60 of the 355 ms of a 1B training step
-    on an H100 at 16K tokens.
-    """
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
-
-
-def _logits_fwd(h, w):
-    return logits_f32(h, w), (h, w)
-
-
-def _logits_bwd(res, g):
-    h, w = res
-    g = g.astype(h.dtype)
-    dh = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("...d,...v->dv", h, g, preferred_element_type=jnp.float32)
-    return dh.astype(h.dtype), dw.astype(w.dtype)
-
-
-logits_f32.defvjp(_logits_fwd, _logits_bwd)
-
-
-def chunked_cross_entropy(h, w, targets, weights, n_chunks: int, mesh=None):
-    """Sum of weighted token cross-entropies and of weights, never holding all logits.
-
-    h [B, T, D], w [D, V], targets / weights [B, T]. Tokens are split into ``n_chunks``
-    interleaved groups (:func:`lasp2_jax.models.layers.token_groups`), which keep the 'sp'
-    sharding. Each chunk's logits are recomputed in the backward pass (checkpoint), so peak
-    memory holds one chunk of [B, T / n_chunks, V] logits.
-    """
-
-    def chunk_loss(hc, tc, wc):
-        logits = logits_f32(hc, w.astype(hc.dtype))
-        logits = constrain(logits, ("batch", "sequence", "act_vocab"), mesh)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - picked) * wc)
-
-    if n_chunks == 1:
-        return chunk_loss(h, targets, weights), jnp.sum(weights)
-    hs, ts, ws = (token_groups(x, n_chunks) for x in (h, targets, weights))
-    body = jax.checkpoint(chunk_loss)
-
-    def step(total, xs):
-        return total + body(*xs), None
-
-    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (hs, ts, ws))
-    return total, jnp.sum(weights)
 
 
 def apply_mask(batch, step, cfg: TrainConfig):
