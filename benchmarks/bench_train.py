@@ -51,7 +51,9 @@ VARIANTS = {"pure": dict(mixer="basic"), "hybrid": dict(mixer="basic", softmax_e
 TINY = dict(vocab_size=256, d_model=64, n_layers=4, n_heads=4, mlp_dim=128, remat="full")
 
 
-CASE_OPTIONS = ("none", "full", "dots", "mixer", "fsdp")  # and mlpN: N MLP token groups
+# and mlpN: N MLP token groups. "unrolled": the layers one after another in the program, not a
+# scan over stacked parameters (no residual slices copied in and out of the stacks).
+CASE_OPTIONS = ("none", "full", "dots", "mixer", "fsdp", "unrolled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Case:
     remat: str | None = None  # "none" | "full" | "dots" | "mixer"; None: the base config's (full)
     fsdp: bool = False  # params, gradients and optimizer state sharded over the sp ranks
     mlp_chunks: int | None = None  # MLP token groups; None: --mlp-chunks or one per 64K
+    unrolled: bool = False  # scan_layers=False
 
     @classmethod
     def parse(cls, text: str) -> Case:
@@ -74,13 +77,14 @@ class Case:
                              f"options among {CASE_OPTIONS} or one mlpN")
         remat = next((o for o in options if o in ("none", "full", "dots", "mixer")), None)
         return cls(model, int(sp), int(seq_len), remat, "fsdp" in options,
-                   int(mlp[0][3:]) if mlp else None)
+                   int(mlp[0][3:]) if mlp else None, "unrolled" in options)
 
     def text(self) -> str:
         """The case as --cases writes it (parse's inverse)."""
         options = [self.remat] if self.remat else []
         options += ["fsdp"] if self.fsdp else []
         options += [f"mlp{self.mlp_chunks}"] if self.mlp_chunks else []
+        options += ["unrolled"] if self.unrolled else []
         return ":".join([self.model, str(self.sp), str(self.seq_len), *options])
 
     def model_config(self, base: dict, mlp_chunks: int | None = None) -> ModelConfig:
@@ -93,6 +97,8 @@ class Case:
                                  or max(1, self.seq_len // self.sp // 65536))
         if self.remat:
             variant["remat"] = self.remat
+        if self.unrolled:
+            variant["scan_layers"] = False
         return ModelConfig(**{**base, **variant})
 
 
@@ -177,10 +183,10 @@ def main():
     ap.add_argument("--lengths", default="16384,65536,262144,1048576,2097152")
     ap.add_argument("--weak-per-gpu", type=int, default=16384)
     ap.add_argument("--cases", default=None,
-                    help="model:sp:tokens[:none|full|dots|mixer][:fsdp][:mlpN],... run just these, "
-                         "in order (else the full sweep); remat policy (default full); fsdp "
-                         "shards params and optimizer state over the sp ranks; mlpN runs the "
-                         "MLP over N token groups")
+                    help="model:sp:tokens[:none|full|dots|mixer][:fsdp][:mlpN][:unrolled],... "
+                         "run just these, in order (else the full sweep); remat policy (default "
+                         "full); fsdp shards params and optimizer state over the sp ranks; mlpN "
+                         "runs the MLP over N token groups; unrolled: no scan over the layers")
     ap.add_argument("--mlp-chunks", type=int, default=None,
                     help="default: one MLP token group per 64K tokens per device")
     ap.add_argument("--steps", type=int, default=3)
@@ -230,7 +236,8 @@ def main():
             print(f"{case}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
             return False
         row.update(model=case.model, study=study, remat=mcfg.remat, mlp_chunks=mcfg.mlp_chunks,
-                   fsdp=case.fsdp, xla_flags=os.environ.get("XLA_FLAGS", ""))
+                   fsdp=case.fsdp, scan_layers=mcfg.scan_layers,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""))
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)
@@ -250,11 +257,12 @@ def main():
                 break
 
     _plot(rows, os.path.join(args.out, tag + ".png"), f"{card} x{W}")
-    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'sp':>4}{'tokens':>10}{'tok/s':>12}"
-          f"{'tok/s/gpu':>12}{'MFU':>8}{'prog GB':>9}")
+    print(f"\n{'model':<8}{'study':<8}{'remat':<6}{'fsdp':<6}{'scan':<6}{'sp':>4}{'tokens':>10}"
+          f"{'tok/s':>12}{'tok/s/gpu':>12}{'MFU':>8}{'prog GB':>9}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}{r['sp']:>4}"
+        print(f"{r['model']:<8}{r['study']:<8}{r['remat']:<6}{str(r['fsdp']):<6}"
+              f"{str(r.get('scan_layers', True)):<6}{r['sp']:>4}"
               f"{r['seq_len']:>10}"
               f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s_per_gpu']:>12.0f}{mfu:>8}"
               f"{_memory_gb(r):>9.2f}")

@@ -76,7 +76,7 @@ def summarize(trace_path: str, steps: int, top: int = 20):
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"
                and e.get("pid") in pids and "stream" in e["args"]["name"].lower()}
-    by_cat, by_name, per_device = {}, {}, {}
+    by_cat, by_name, per_device, launched_by = {}, {}, {}, {}
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in pids or _HOST_OVERHEAD.search(e["name"]):
             continue
@@ -86,18 +86,27 @@ def summarize(trace_path: str, steps: int, top: int = 20):
         dur = e.get("dur", 0.0)
         by_cat[cat] = by_cat.get(cat, 0.0) + dur
         by_name[e["name"]] = by_name.get(e["name"], 0.0) + dur
+        # A library kernel (cuBLAS, a memcpy) does not name its HLO op; the event's args do.
+        op = (e.get("args") or {}).get("hlo_op")
+        if op:
+            ops = launched_by.setdefault(e["name"], {})
+            ops[op] = ops.get(op, 0.0) + dur
         span = (e["ts"], e["ts"] + dur)
         dev = per_device.setdefault(e["pid"], {"comm": [], "compute": []})
         dev["comm" if cat == "collective" else "compute"].append(span)
     n_dev = max(len(per_device), 1)
     exposed = sum(_exposed(d["comm"], d["compute"]) for d in per_device.values())
     scale = 1e-3 / (steps * n_dev)  # us summed over devices and steps -> ms per device-step
+    top_names = sorted(by_name, key=lambda n: -by_name[n])[:top]
     return dict(
         devices=n_dev,
         ms_per_step=({c: t * scale for c, t in sorted(by_cat.items())}),
         exposed_collective_ms_per_step=exposed * scale,
-        top_events_ms_per_step=[(n, t * scale) for n, t in
-                                sorted(by_name.items(), key=lambda x: -x[1])[:top]],
+        top_events_ms_per_step=[(n, by_name[n] * scale) for n in top_names],
+        # For each listed event, the HLO ops that launched it, by time (at most 5).
+        top_events_hlo_ops={n: [(op, t * scale) for op, t in sorted(
+            launched_by[n].items(), key=lambda x: -x[1])[:5]]
+            for n in top_names if n in launched_by},
     )
 
 
@@ -158,9 +167,10 @@ def describe_fusions(hlo_text: str, names) -> dict[str, str]:
             source.group(1).split("/", 1)[-1] if source else "")
     out = {}
     for name in names:
-        if name not in instructions:
+        key = name.replace(".", "_")  # an event's hlo_op arg keeps the dots
+        if key not in instructions:
             continue
-        shape, op, called, source = instructions[name]
+        shape, op, called, source = instructions[key]
         inner = sorted(bodies.get(called, ()) - {"parameter"}) if called else []
         out[name] = (f"{shape} {op}" + (": " + ", ".join(inner) if inner else "")
                      + (f" [{source}]" if source else ""))
@@ -214,8 +224,9 @@ def main():
                    collective_ops=[line.strip()[:300] for line in hlo.splitlines()
                                    if _COLLECTIVE_OP.search(line)],
                    **summarize(trace, args.steps, args.top))
-    summary["top_fusions"] = describe_fusions(hlo, [n for n, _ in
-                                                    summary["top_events_ms_per_step"]])
+    launchers = {op for ops in summary["top_events_hlo_ops"].values() for op, _ in ops}
+    summary["top_fusions"] = describe_fusions(
+        hlo, [n for n, _ in summary["top_events_ms_per_step"]] + sorted(launchers))
     with open(os.path.join(args.out, tag + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
     if args.save_hlo:
@@ -231,7 +242,10 @@ def main():
         print(f"  {size / 1e6:10.1f}  {key}")
     print("top events (ms per device and step):")
     for name, ms in summary["top_events_ms_per_step"][:args.top]:
-        what = summary["top_fusions"].get(name, "")
+        launchers = summary["top_events_hlo_ops"].get(name, [])
+        what = summary["top_fusions"].get(name) or ", ".join(
+            f"{op} {summary['top_fusions'].get(op, '')}"
+            for op, _ in launchers[:2])
         print(f"  {ms:10.2f}  {name[:40]:<40} {what[:120]}")
 
 
