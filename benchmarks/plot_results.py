@@ -5,7 +5,8 @@
 Reads the files named in SP_FILES (benchmarks/results/sp_<card>_<name>.json, bench_sp.py) and
 TRAIN_FILES (train_<card>_<name>.json, bench_train.py) and writes sp_<card>_fig3.png (tokens/s
 against sequence length per method, like LASP-2's Figure 3) and train_<card>_table6.png
-(Linear-Llama3-1B throughput, memory and weak-scaling efficiency, like its Table 6).
+(Linear-Llama3-1B throughput, memory and weak-scaling efficiency, like its Table 6; the newest
+code's SP=4 rows, LATEST_FILE, as stars apart from the lines of the earlier runs).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _rows(pattern):
 # The layer results drawn, oldest first: a later file's row replaces an earlier one's for the
 # same method, SP and length, so each line shows the newest run that measured it.
 SP_FILES = ("sp2", "sp2_final", "sp2_state_grad", "sp4", "sp4_splits_256k", "sp4_1m",
-            "sp4_final", "sp4_state_grad")
+            "sp4_final", "sp4_state_grad", "sp4_with_output")
 
 
 def plot_sp(card):
@@ -62,9 +63,8 @@ def plot_sp(card):
                ylabel="tokens/s (fwd+bwd, one layer)", title=f"{card} x{sp}, H=16 D=128 bf16")
         ax.legend(fontsize=8)
         if sp == 4:
-            ax.text(0.01, 0.01, "all-gathered K,V and softmax below 1M: earlier runs, the "
-                    "inputs' copy inside the timing (README)", transform=ax.transAxes,
-                    fontsize=7, color="gray")
+            ax.text(0.01, 0.01, "softmax: an earlier run, the inputs' copy inside the timing "
+                    "(README)", transform=ax.transAxes, fontsize=7, color="gray")
     fig.tight_layout()
     path = os.path.join(RESULTS, f"sp_{card}_fig3.png")
     fig.savefig(path, dpi=110)
@@ -76,6 +76,8 @@ def plot_sp(card):
 TRAIN_FILES = ("output_layer_after", "weak_64k_after", "sp2_2m_after", "1m_after",
                "hybrid_flash", "sp4_table6_state_first", "weak_256k", "sp4_2m_fsdp_state_first")
 WEAK_FILE = "weak_256k"
+# The newest code's SP=4 rows (any remat), drawn apart from the lines of the earlier code.
+LATEST_FILE = "loss_sp4"
 
 
 def plot_train(card):
@@ -97,6 +99,13 @@ def plot_train(card):
                      if r.get("program_memory_gb"))
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=f"{model}, SP=4")
+    latest = [r for r in _rows(f"train_{card}_{LATEST_FILE}.json") if r["sp"] == 4]
+    for r in latest:
+        for ax, value in ((axes[0], r["tokens_per_s_per_gpu"]), (axes[1], r["program_memory_gb"])):
+            ax.plot(r["seq_len"], value, marker="*", ms=11, ls="none", color="black",
+                    label=f"pure, SP=4, newest code ({LATEST_FILE})" if r is latest[0] else None)
+            ax.annotate(r["remat"], (r["seq_len"], value), textcoords="offset points",
+                        xytext=(6, -10), fontsize=7)
     for per_gpu in (65536, 262144):
         pts = sorted((r["sp"], r["tokens_per_s_per_gpu"]) for r in weak
                      if r["model"] == "pure" and r.get("remat", "full") == "full"
