@@ -42,7 +42,9 @@ def grouped_token_losses(hs, w, targets, mesh=None):
 
 
 def _grouped_losses_fwd(hs, w, targets, mesh):
-    wc = w.astype(hs.dtype)  # once: XLA leaves a cast inside the loop in it (1 ms a chunk)
+    # Cast once, outside the chunk loop: XLA kept a cast written inside it in the loop (about
+    # 1 ms a chunk for the 1B model's [2048, 128256] matrix on an H100).
+    wc = w.astype(hs.dtype)
 
     def chunk(_, xs):
         h, tgt = xs

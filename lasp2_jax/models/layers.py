@@ -162,17 +162,13 @@ def token_groups(x, groups: int):
     return jnp.moveaxis(x.reshape(B, T // groups, groups, *x.shape[2:]), 2, 0)
 
 
-def ungroup_tokens(xs):
-    """The inverse of :func:`token_groups`: [groups, B, T/groups, ...] -> [B, T, ...]."""
-    groups, B, t = xs.shape[:3]
-    return jnp.moveaxis(xs, 0, 2).reshape(B, t * groups, *xs.shape[3:])
-
-
 def over_token_groups(x, groups: int, fn):
     """fn on x [B, T, D] as :func:`token_groups` [groups, B, T/g, D], then back to [B, T, D']."""
-    if x.shape[1] % groups:
-        raise ValueError(f"mlp_chunks={groups} must divide the sequence length {x.shape[1]}")
-    return ungroup_tokens(fn(token_groups(x, groups)))
+    B, T, D = x.shape
+    if T % groups:
+        raise ValueError(f"mlp_chunks={groups} must divide the sequence length {T}")
+    ys = fn(token_groups(x, groups))
+    return jnp.moveaxis(ys, 0, 2).reshape(B, T, ys.shape[-1])
 
 
 def rope(x, positions, theta: float):
