@@ -27,8 +27,14 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lasp2_jax.xla_flags import apply_training_flags  # noqa: E402
+
 if "--quick" in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The training step's XLA flags, as train.run sets them (before JAX starts XLA).
+if "--no-training-flags" not in sys.argv:
+    apply_training_flags()
 # With --isolate the cases run in child processes: this one must not take the device memory
 # up front (JAX's default), and the children get the environment as it was.
 if "--isolate" in sys.argv:
@@ -39,7 +45,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lasp2_jax import train as T  # noqa: E402
 from lasp2_jax.models import ModelConfig  # noqa: E402
 
@@ -197,6 +202,8 @@ def main():
                     help="each case in a process of its own: after other cases the device "
                          "memory can be too fragmented for a long case's temporaries")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-training-flags", action="store_true",
+                    help="leave out lasp2_jax.xla_flags.TRAINING_FLAGS (XLA_FLAGS as given)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     base = dict(TINY) if args.quick else dict(LLAMA3_1B)
@@ -278,6 +285,7 @@ def _measure_in_child(case: Case, args, world: int) -> dict | None:
         cmd += ["--layers", str(args.layers)] if args.layers else []
         cmd += ["--mlp-chunks", str(args.mlp_chunks)] if args.mlp_chunks else []
         cmd += ["--quick"] if args.quick else []
+        cmd += ["--no-training-flags"] if args.no_training_flags else []
         subprocess.run(cmd, check=False, env=_CHILD_ENV)
         found = [r for path in glob.glob(os.path.join(out, "*.json"))
                  for r in json.load(open(path))["rows"]]

@@ -47,6 +47,7 @@ from lasp2_jax.metrics import (
 )
 from lasp2_jax.metrics import peak_flops_per_device as _device_peak_flops
 from lasp2_jax.models import LinearLlama3, ModelConfig, output_matrix
+from lasp2_jax.xla_flags import apply_training_flags, with_training_flags
 
 # --------------------------------------------------------------------------- model state
 
@@ -214,9 +215,13 @@ def run(cfg: TrainConfig, workdir: str, *, callback: Callable[[int, dict], None]
     (for notebooks and tests). Returns how the run ended; a non-finite loss ends it with
     status "nonfinite" and no checkpoint written after the last good one.
     """
+    flags_applied = apply_training_flags()  # before anything starts XLA
     maybe_init_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(f"[lasp2_jax] {msg}", flush=True) if is_main else None)
+    if not flags_applied and jax.default_backend() == "gpu":
+        log(f"XLA was started before train.run, without XLA_FLAGS=\"{with_training_flags('')}\" "
+            "(lasp2_jax.xla_flags): set them before JAX starts for the faster step")
     try:
         mesh = resolve_mesh(cfg)
         validate(cfg, mesh)
