@@ -76,8 +76,9 @@ def plot_sp(card):
 TRAIN_FILES = ("output_layer_after", "weak_64k_after", "sp2_2m_after", "1m_after",
                "hybrid_flash", "sp4_table6_state_first", "weak_256k", "sp4_2m_fsdp_state_first")
 WEAK_FILE = "weak_256k"
-# The newest code's SP=4 rows (any remat), drawn apart from the lines of the earlier code.
-LATEST_FILE = "loss_sp4"
+# The newest code's pure SP=4 rows (any remat), drawn apart from the lines of the earlier
+# code (which ran without the training XLA flags; rows with flags are left out of those).
+LATEST_FILE = "pipelined_allreduce"
 
 
 def plot_train(card):
@@ -99,7 +100,8 @@ def plot_train(card):
                      if r.get("program_memory_gb"))
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=f"{model}, SP=4")
-    latest = [r for r in _rows(f"train_{card}_{LATEST_FILE}.json") if r["sp"] == 4]
+    latest = [r for r in _rows(f"train_{card}_{LATEST_FILE}.json")
+              if r["sp"] == 4 and r["model"] == "pure"]
     for r in latest:
         for ax, value in ((axes[0], r["tokens_per_s_per_gpu"]), (axes[1], r["program_memory_gb"])):
             ax.plot(r["seq_len"], value, marker="*", ms=11, ls="none", color="black",
@@ -113,6 +115,11 @@ def plot_train(card):
         if pts and pts[0][0] == 1:  # efficiency: tokens/s per GPU over SP=1's
             axes[2].plot([sp for sp, _ in pts], [t / pts[0][1] for _, t in pts], marker="o",
                          label=f"{per_gpu // 1024}K tokens per GPU")
+    newest = {r["sp"]: r["tokens_per_s_per_gpu"] for r in _rows(f"train_{card}_{LATEST_FILE}.json")
+              if r["model"] == "pure" and r["remat"] == "full" and r["seq_len"] == 262144 * r["sp"]}
+    if 1 in newest and 4 in newest:
+        axes[2].plot(4, newest[4] / newest[1], marker="*", ms=11, ls="none", color="black",
+                     label=f"256K per GPU, newest code ({LATEST_FILE})")
     axes[2].axhline(0.95, color="gray", lw=0.8, ls="--")  # the goal
     axes[0].set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU",
                 title=f"Linear-Llama3-1B, {card}")
