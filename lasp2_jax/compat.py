@@ -56,3 +56,11 @@ def dense_cotangent(ct):
 
         return jnp.zeros(ct.shape, ct.dtype)
     return ct
+
+
+def xla_backend_started() -> bool:
+    """Whether JAX has started an XLA backend (after which XLA_FLAGS is no longer read). jax
+    0.10 and 0.11 answer this only from ``jax._src.xla_bridge``."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
