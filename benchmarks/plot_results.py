@@ -100,8 +100,8 @@ def plot_train(card):
                      if r.get("program_memory_gb"))
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=f"{model}, SP=4")
-    latest = [r for r in _rows(f"train_{card}_{LATEST_FILE}.json")
-              if r["sp"] == 4 and r["model"] == "pure"]
+    newest_rows = [r for r in _rows(f"train_{card}_{LATEST_FILE}.json") if r["model"] == "pure"]
+    latest = [r for r in newest_rows if r["sp"] == 4]
     for r in latest:
         for ax, value in ((axes[0], r["tokens_per_s_per_gpu"]), (axes[1], r["program_memory_gb"])):
             ax.plot(r["seq_len"], value, marker="*", ms=11, ls="none", color="black",
@@ -115,8 +115,8 @@ def plot_train(card):
         if pts and pts[0][0] == 1:  # efficiency: tokens/s per GPU over SP=1's
             axes[2].plot([sp for sp, _ in pts], [t / pts[0][1] for _, t in pts], marker="o",
                          label=f"{per_gpu // 1024}K tokens per GPU")
-    newest = {r["sp"]: r["tokens_per_s_per_gpu"] for r in _rows(f"train_{card}_{LATEST_FILE}.json")
-              if r["model"] == "pure" and r["remat"] == "full" and r["seq_len"] == 262144 * r["sp"]}
+    newest = {r["sp"]: r["tokens_per_s_per_gpu"] for r in newest_rows
+              if r["remat"] == "full" and r["seq_len"] == 262144 * r["sp"]}
     if 1 in newest and 4 in newest:
         axes[2].plot(4, newest[4] / newest[1], marker="*", ms=11, ls="none", color="black",
                      label=f"256K per GPU, newest code ({LATEST_FILE})")

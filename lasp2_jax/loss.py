@@ -6,7 +6,7 @@ by hand (:func:`_grouped_losses_bwd`) so that each chunk's logits are read once 
 are recomputed: the rounded softmax-minus-one-hot leaves in the same pass. Autodiff of a
 checkpointed chunk instead recomputed the maximum and the exponential sum as well, and wrote
 the float32 cotangent of the logits before rounding it. In a 1B training step at 64K tokens on
-an H100 the non-matmul kernels went from 296 to 250 ms (README, Performance).
+an H100 the non-matmul kernels went from 296 to 245 ms (README, Performance).
 """
 
 from __future__ import annotations
