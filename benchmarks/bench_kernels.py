@@ -115,6 +115,9 @@ CHECK_CASES = {
     "small": dict(B=2, T=333, H=2, Dk=72, Dv=40),
     # benchmark head size, several segments of several chunks
     "benchmark": dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
+    # 16 heads: 8 segments of 9 chunks, so the anchored decay gradient's groups of 4 chunks
+    # (and a group of 1) in every segment
+    "heads16": dict(B=1, T=4096 + 37, H=16, Dk=128, Dv=128),
 }
 
 
@@ -378,10 +381,16 @@ VARIANTS = _variants()
 # Variants that set module switches, read when the kernels are traced, instead of a Config.
 # "difference_nosplit" (the scalar difference form with no operand split) is for timing only:
 # without the split its decay gradient fails the bf16 bar (benchmarks/NOTES_kernels.md).
+# "difference" is the scalar decay's default before the anchored form, "anchor1" and "anchor2"
+# the anchored form with groups of one and two chunks (the default: DG_ANCHOR_CHUNKS).
 SWITCHES = {
     "crossing": {"CROSSING_DG_MODES": frozenset({pallas_forward.SCALAR})},
     "dvsummary": {"SUMMARY_ROW_BLOCKS": False},
-    "difference_nosplit": {"SCALAR_DG_SPLIT": frozenset()},
+    "difference": {"ANCHORED_DG_MODES": frozenset()},
+    "difference_nosplit": {"ANCHORED_DG_MODES": frozenset(), "SCALAR_DG_SPLIT": frozenset()},
+    "anchor1": {"DG_ANCHOR_CHUNKS": 1},
+    "anchor2": {"DG_ANCHOR_CHUNKS": 2},
+    "anchor8": {"DG_ANCHOR_CHUNKS": 8},
 }
 
 
@@ -483,8 +492,11 @@ def main():
     out["dg_split"] = sorted(pallas_forward.DG_SPLIT)
     out["scalar_dg_split"] = sorted(pallas_forward.SCALAR_DG_SPLIT)
     out["crossing_dg_modes"] = sorted(pallas_forward.CROSSING_DG_MODES)
+    out["anchored_dg_modes"] = sorted(pallas_forward.ANCHORED_DG_MODES)
+    out["dg_anchor_chunks"] = pallas_forward.DG_ANCHOR_CHUNKS
     log(f"DG_SPLIT = {out['dg_split']}, SCALAR_DG_SPLIT = {out['scalar_dg_split']}, "
-        f"CROSSING_DG_MODES = {out['crossing_dg_modes']}")
+        f"CROSSING_DG_MODES = {out['crossing_dg_modes']}, ANCHORED_DG_MODES = "
+        f"{out['anchored_dg_modes']} in groups of {out['dg_anchor_chunks']} chunks")
     log(f"device {dev.device_kind}  jax {jax.__version__}")
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, f"{args.tag}.json")

@@ -24,6 +24,12 @@ rounding is left), with the states' matmul operand
   states fp16  rounded to fp16's 11-bit significand, its exponent range ignored (one fp16
                matmul with ideally scaled operands: what a kernel could do instead of the split)
 
+and the kernels' default since v11, the anchored form: the same per-token terms with the states
+in bf16, summed only within groups of 1, 2, 4 or 8 chunks from each group's exact anchor
+
+  anchored G   the pairs crossing the group's first position as <S, dS> (S in bf16), minus
+               the running sum of dL/db inside the group
+
   python benchmarks/dg_precision_study.py            # prints a table of relative errors
 
 The "crossing" form would replace the split in the kernels if its error stays below 1e-2.
@@ -124,6 +130,34 @@ def kernel_difference_form(q, k, v, do, a, C, state="split"):
     """dg as the kernels form it since v9: the difference form with the diagonal pair kept
     (bf16 inputs), every decayed q and k rounded to bf16 once and used alike in the states and
     in q.dq and k.dk, the states entering the inter-chunk matmuls as STATE_ROUNDING[state]."""
+    return np.cumsum(_kernel_db(q, k, v, do, a, C, state)[::-1])[::-1]
+
+
+def anchored_form(q, k, v, do, a, C, group):
+    """dg as the kernels form it since v11 (pallas_forward.ANCHORED_DG_MODES): per token
+    dL/db = q.dq - k.dk as in kernel_difference_form with the states rounded to bf16 (no
+    split), summed only inside groups of `group` chunks, from each group's anchor: the pairs
+    crossing its first position, <S, dS> with S the state entering it rounded to bf16 (the dq
+    kernel stores it so) and dS its float32 cotangent."""
+    T = len(a)
+    b, tot = _chunk_tables(a, C)
+    h, dh = _states(q, k, v, do, a, C, True)
+    db = _kernel_db(q, k, v, do, a, C, "bf16")
+    dg = np.zeros(T, np.float64)
+    for start in range(0, T, group * C):
+        c = start // C
+        # the cotangent of the state entering chunk c: dh[c] carried over the chunk, plus its
+        # own queries (as the dk kernel forms it)
+        dh_in = np.exp(tot[c]) * dh[c] + mm((q[start:start + C] * np.exp(b[c])[:, None]).T,
+                                           do[start:start + C])
+        span = db[start:start + group * C]
+        dg[start:start + group * C] = (np.sum(bf16(h[c]).astype(np.float64) * dh_in)
+                                       - (np.cumsum(span) - span))
+    return dg
+
+
+def _kernel_db(q, k, v, do, a, C, state):
+    """dL/db_t = q.dq - k.dk per token as the kernels form it (see kernel_difference_form)."""
     T = len(a)
     n = T // C
     b, tot = _chunk_tables(a, C)
@@ -142,7 +176,7 @@ def kernel_difference_form(q, k, v, do, a, C, state="split"):
         r = np.sum(qc * mm(wdp, kc) + qd * inter_q, axis=1)
         w = np.sum(kc * mm(wdp.T, qc) + kd * inter_k, axis=1)
         contrib[sl] = r - w
-    return np.cumsum(contrib[::-1])[::-1]
+    return contrib
 
 
 def crossing_form(q, k, v, do, a, C, passing_from_totals=False):
@@ -184,6 +218,9 @@ def crossing_form(q, k, v, do, a, C, passing_from_totals=False):
     return dg
 
 
+ANCHOR_GROUPS = (1, 2, 4, 8)  # chunks per group of the anchored form's columns
+
+
 def rel_err(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
@@ -199,7 +236,7 @@ def main():
     rng = np.random.default_rng()
     print(f"T={T} D={D} C={C}, relative error of d log_decay against float64")
     cols = ("difference", "split", "crossing", "via totals", "states bf16", "states split",
-            "states fp16")
+            "states fp16", *(f"anchored {g}" for g in ANCHOR_GROUPS))
     print(f"{'decays':<10}" + "".join(f"{c:>13}" for c in cols))
     for name, lo, hi in (("weak", 0.001, 0.1), ("gla", 0.01, 0.5), ("strong", 0.5, 4.0)):
         errs = []
@@ -212,7 +249,9 @@ def main():
                          rel_err(crossing_form(q, k, v, do, a, C), ref),
                          rel_err(crossing_form(q, k, v, do, a, C, True), ref),
                          *(rel_err(kernel_difference_form(q, k, v, do, a, C, st), ref)
-                           for st in ("bf16", "split", "fp16"))])
+                           for st in ("bf16", "split", "fp16")),
+                         *(rel_err(anchored_form(q, k, v, do, a, C, g), ref)
+                           for g in ANCHOR_GROUPS)])
         e = np.max(errs, axis=0)
         print(f"{name:<10}" + "".join(f"{x:>13.2e}" for x in e))
 

@@ -43,6 +43,8 @@ def test_unrounded_forms_match_oracle(monkeypatch, lo, hi):
     assert S.rel_err(S.difference_form(q, k, v, do, a, 32, split=True), ref) < 1e-3
     for state in S.STATE_ROUNDING:
         assert S.rel_err(S.kernel_difference_form(q, k, v, do, a, 32, state), ref) < 1e-4
+    for group in (1, 3):  # 3: the last group of the 8 chunks is shorter
+        assert S.rel_err(S.anchored_form(q, k, v, do, a, 32, group), ref) < 1e-4
 
 
 def test_fp16_significand_keeps_eleven_bits():

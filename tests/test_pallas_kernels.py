@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lasp2_jax.kernels import backends, pallas, pallas_forward, pallas_prescaled, reference
+from lasp2_jax.kernels import (
+    backends,
+    pallas,
+    pallas_backward,
+    pallas_forward,
+    pallas_prescaled,
+    reference,
+)
 
 RNG = np.random.default_rng()
 
@@ -103,17 +110,30 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-def _check_case(case):
+@pytest.mark.parametrize("form", ["scalar", "strong"])
+def test_anchored_decay_gradient_over_groups(form):
+    """The anchored decay gradient (the default for a learned scalar decay) over segments of
+    six chunks, so groups of four chunks and a partial group of two, with resets in the
+    scalar case: every output and gradient matches the oracle."""
+    config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
+    B, T, H, Dk, Dv, C = 1, 180, 1, 24, 20, 16
+    plan = pallas._plan(B, T, H, Dk, Dv, "scalar", C, config)
+    n_c = plan.t_pad // plan.segments // C
+    assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
+    assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
+    _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
+
+
+def _check_case(case, config=pallas.DEFAULT_CONFIG):
     name, (B, T, H, Dk, Dv), form, resets, chunk = case
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
     scale = Dk ** -0.5
-    backend = backends.get_backend("pallas")
 
     def f(q_, k_, v_, g_, s_):
-        return backend.chunk_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk,
-                                       initial_state=s_)
+        return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk,
+                                             initial_state=s_, config=config)
 
     (o, st), vjp = jax.vjp(f, q, k, v, g, s0)
     got = [o, st, *vjp((do, dst))]

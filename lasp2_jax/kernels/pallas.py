@@ -141,6 +141,22 @@ def _reverse_cumsum(x, c: int):
     return jnp.flip(inner + before, (1, 2)).reshape(x.shape)
 
 
+def _anchored_sums(db, anchors, group: int, plan: _Plan):
+    """The anchored form's decay gradient (pallas_forward.ANCHORED_DG_MODES): in each group of
+    `group` chunks of a segment, dg_t = X - sum_{group start <= s < t} dL/db_s, where X, the
+    pairs crossing the group's first position, is the group's anchor term.
+
+    db: [B, H, T] dL/db = q dq - k dk; anchors: [B, H, S, n_groups]. Returns dg [B, T, H]."""
+    B, H, T = db.shape
+    S, n_groups = anchors.shape[2:]
+    span = group * plan.chunk
+    db = db.reshape(B, H, S, T // S)
+    db = _pad_axis(db, 3, n_groups * span).reshape(B, H, S, n_groups, span)
+    dg = anchors[..., None] - (jnp.cumsum(db, axis=-1) - db)
+    dg = dg.reshape(B, H, S, n_groups * span)[..., :T // S].reshape(B, H, T)
+    return jnp.moveaxis(dg, 1, 2)
+
+
 def _pad_operands(q, k, v, g, s0, plan: _Plan):
     """q, k, v, g and s0 padded to the plan's T, Dk and Dv (zeros: no effect on the rest)."""
     q, k = (_pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk) for x in (q, k))
@@ -226,7 +242,7 @@ def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
         dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
     else:
         dm = jnp.zeros_like(m)
-    dq, dk, dv, dbq, dbk, ds0 = pallas_backward.backward(
+    dq, dk, dv, dbq, dbk, ds0, anchors = pallas_backward.backward(
         q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, mode=plan.mode, scale=scale,
         chunk=plan.chunk, block_sizes=plan.bwd, dim_slice=plan.fwd.dim_slice,
         decay_grad=decay_grad)
@@ -234,6 +250,8 @@ def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     if decay_grad and plan.mode in pallas_forward.CROSSING_DG_MODES:
         # the crossing form: nothing left to sum up
         dg = jnp.moveaxis(jnp.sum(dbq + dbk, axis=2), 1, 2)[:, :T]
+    elif anchors is not None:
+        dg = _anchored_sums(jnp.sum(dbq - dbk, axis=2), *anchors, plan)[:, :T]
     elif decay_grad:
         # dL/db_t = q_t dq_t - k_t dk_t, plus sum_e S_T dS_T at the last token; dg_t sums
         # dL/db over s >= t (see pallas_backward's docstring). The last token's k dk nearly

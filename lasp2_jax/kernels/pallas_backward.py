@@ -18,6 +18,15 @@ the sums (with a strong decay it dominates each product; in float32 the dg error
 with bf16 inputs it stays in, as it cancels there to float32 accumulation error
 (:func:`_difference_side`).
 
+Anchored form (scalar decays in pallas_forward.ANCHORED_DG_MODES, the default): the same
+per-token q dq - k dk with no operand split, summed only inside groups of DG_ANCHOR_CHUNKS
+chunks. dg at a group's first position t0 is the sum of the pair terms over s < t0 <= t,
+<S, dS> for the state S entering the group and its cotangent dS, a sum without cancellation;
+from there dg_t = dg_t0 - sum_{t0 <= u < t} dL/db_u. The dq kernel stores S (in the input
+dtype) at each group's start; the dk kernel, which carries dS, forms <S, dS> there. The
+initial state and the final-state cotangent are in S and dS, so no other term is needed.
+Rounding errors add up over one group instead of the whole sequence.
+
 Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative, not the
 default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
 terms P_ts = exp(b_t - b_s) (q_t . k_s) (dO_t . v_s) over s < u <= t, with no cancellation.
@@ -174,7 +183,7 @@ def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, spl
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m_ref, a_ref,
                dq_ref, db_ref, states_ref, *, c: int,
-               n_chunks: int, mode: str, scale: float, split: frozenset):
+               n_chunks: int, mode: str, scale: float, split: frozenset, anchor: int):
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
 
@@ -198,10 +207,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
                                          transpose=False)
             entering = inter if fq is None else inter * fq
             dq = intra + entering
-            if states_ref is not None:  # crossing form
+            if states_ref is not None and not anchor:  # crossing form
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
                 db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, entering, cc)
             elif db_ref is not None:
+                if anchor:  # the state entering each group's first chunk, for the dk kernel
+                    ci = sl.start // cc
+
+                    @pl.when(lax.rem(ci, anchor) == 0)
+                    def _():
+                        states_ref[ci // anchor] = state.astype(states_ref.dtype)
+
                 _db_put(db_ref, sl, _difference_side(q, intra, scores, k, fq, inter, split),
                         mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
@@ -220,8 +236,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
 
 
 def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref, a_ref,
-               states_ref, dk_ref, db_ref, *, c: int,
-               n_chunks: int, mode: str, scale: float, split: frozenset):
+               states_ref, dk_ref, db_ref, anchors_ref, *, c: int,
+               n_chunks: int, mode: str, scale: float, split: frozenset, anchor: int):
     def load(sl):
         return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
 
@@ -244,7 +260,7 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
                                          transpose=True)
             leaving = inter if fk is None else inter * fk
             dk = intra + leaving
-            if states_ref is not None:  # crossing form
+            if states_ref is not None and not anchor:  # crossing form
                 db_ref[sl] = pallas_crossing.leaving_and_passing_sums(
                     k, leaving, states_ref[sl.start // cc], dh, fa)
             elif db_ref is not None:
@@ -252,7 +268,16 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
                         mode)
             q_dh = _scaled(q, fq, split)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        return fa * dh + scale * mmx(q_dh, do, ta=True)
+        dh_in = fa * dh + scale * mmx(q_dh, do, ta=True)  # the cotangent of the entering state
+        if anchors_ref is not None:  # the pairs crossing the group's start: <S_in, dS_in>
+            ci = sl.start // cc
+
+            @pl.when(lax.rem(ci, anchor) == 0)
+            def _():
+                x = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_in)
+                anchors_ref[pl.ds(ci // anchor, 1)] = jnp.full((1,), x, _f32)
+
+        return dh_in
 
     def body(i, dh, factorised):
         return run_chunk(step, load, n_chunks - 1 - i, dh, c=c, mode=mode, bf_ref=bf_ref,
@@ -294,13 +319,19 @@ def _dv_kernel(q_ref, k_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, dm_ref,
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
+def anchor_chunks(n_chunks: int) -> int:
+    """The chunks per group of the anchored decay gradient, for segments of n_chunks."""
+    return max(1, min(pallas_forward.DG_ANCHOR_CHUNKS, n_chunks))
+
+
 def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale: float,
              chunk: int, block_sizes: BlockSizes, dim_slice: int, parts=("dq", "dk", "dv"),
              decay_grad: bool = True):
     """dq, dk, dv [B, T, H, *] (input dtype), q*dq and k*dk for the decay gradient
     ([B, H, NK, T] partial sums for a scalar decay, [B, T, H, Dk] per dimension; None without
     decay or without decay_grad; in the crossing form the two sides' crossing sums, whose total
-    is the gradient) and the initial-state cotangent [B, H, Dk, Dv].
+    is the gradient), the initial-state cotangent [B, H, Dk, Dv] and, in the anchored form,
+    (anchor terms [B, H, S, n_groups], chunks per group), else None.
 
     fast [B, H, S]: the per-segment flags of pallas_forward.chunk_loop.
 
@@ -339,12 +370,22 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
     if emit_db:
         out_shapes.append(db_shape)
         out_specs.append(db_spec)
-    # Crossing form: the dq kernel stores the state entering each chunk for the dk kernel.
-    crossing = emit_db and mode in pallas_forward.CROSSING_DG_MODES
+    # Crossing form: the dq kernel stores the state entering each chunk for the dk kernel;
+    # anchored form: entering each group of `anchor` chunks, and the dk kernel writes the
+    # group's anchor term ([B, H, NK, S, slots], the first n_states slots written).
     n_c = L // c
-    states_shape = jax.ShapeDtypeStruct((B, H, S, n_c, dk, dv), q.dtype)
-    states_spec = pl.BlockSpec((None, None, None, n_c, bk, dv),
+    crossing = emit_db and mode in pallas_forward.CROSSING_DG_MODES
+    anchored = emit_db and not crossing and mode in pallas_forward.ANCHORED_DG_MODES
+    anchor = anchor_chunks(n_c) if anchored else 0
+    stores = int(crossing or anchored)
+    n_states = n_c if crossing else -(-n_c // max(anchor, 1))
+    states_shape = jax.ShapeDtypeStruct((B, H, S, n_states, dk, dv), q.dtype)
+    states_spec = pl.BlockSpec((None, None, None, n_states, bk, dv),
                                lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))
+    slots = max(16, 1 << (n_states - 1).bit_length())  # a power of two for Triton
+    anchors_shape = jax.ShapeDtypeStruct((B, H, nk, S, slots), _f32)
+    anchors_spec = pl.BlockSpec((None, None, None, None, slots),
+                                lambda bh, s, j: (bh // H, bh % H, j, s, 0))
 
     common = dict(c=c, n_chunks=n_c, mode=mode, scale=scale)
     split = pallas_forward.dg_split(mode, emit_db)
@@ -352,31 +393,35 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
                 *summary_specs(H, S, bk, dv, True)]
     # Refs the calls below do not pass are None: the dq kernel's trailing (db, states) outputs,
     # the dk kernel's states input (after q, k, v, dO, the decay refs and the summaries) and its
-    # trailing db output.
+    # trailing (db, anchors) outputs.
     dq_kernel = absent_refs(with_decay_refs(
-        functools.partial(_dq_kernel, **common, split=split), 4, has_decay),
-        2 - emit_db - crossing)
+        functools.partial(_dq_kernel, **common, split=split, anchor=anchor), 4, has_decay),
+        2 - emit_db - stores)
     dq = dk_ = dv_ = ds0 = None
     dbq = dbk = ()
-    states = None
-    if "dq" in parts or crossing:
+    states = anchors = None
+    if "dq" in parts or stores:
         dq, *dbq = pl.pallas_call(
             dq_kernel, grid=(B * H, S, nk), in_specs=in_specs,
-            out_specs=out_specs + [states_spec] * crossing,
-            out_shape=out_shapes + [states_shape] * crossing, compiler_params=params,
+            out_specs=out_specs + [states_spec] * stores,
+            out_shape=out_shapes + [states_shape] * stores, compiler_params=params,
             interpret=interpret, name="lasp2_chunk_attention_bwd_dq",
         )(q, k, v, do, *dargs, s0, m, a)
-        if crossing:
+        if stores:
             *dbq, states = dbq
     dk_kernel = absent_refs(with_decay_refs(
-        absent_refs(functools.partial(_dk_kernel, **common, split=split), 1 - crossing,
-                     position=10), 4, has_decay), 1 - emit_db)
+        absent_refs(functools.partial(_dk_kernel, **common, split=split, anchor=anchor), 1 - stores,
+                     position=10), 4, has_decay), 2 - emit_db - anchored)
     if "dk" in parts:
         dk_, *dbk = pl.pallas_call(
-            dk_kernel, grid=(B * H, S, nk), in_specs=in_specs + [states_spec] * crossing,
-            out_specs=out_specs, out_shape=out_shapes, compiler_params=params,
+            dk_kernel, grid=(B * H, S, nk), in_specs=in_specs + [states_spec] * stores,
+            out_specs=out_specs + [anchors_spec] * anchored,
+            out_shape=out_shapes + [anchors_shape] * anchored, compiler_params=params,
             interpret=interpret, name="lasp2_chunk_attention_bwd_dk",
-        )(q, k, v, do, *dargs, dst, dm, a, *([states] if crossing else []))
+        )(q, k, v, do, *dargs, dst, dm, a, *([states] if stores else []))
+        if anchored:
+            *dbk, anchors = dbk
+            anchors = (jnp.sum(anchors, axis=2)[..., :n_states], anchor)
 
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
     dargs_v, dspecs_v = decay_operands(bf, cnt, L, H, dk, fast)
@@ -394,4 +439,4 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
                        jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
             compiler_params=params, interpret=interpret, name="lasp2_chunk_attention_bwd_dv",
         )(q, k, do, *dargs_v, dst, dm, a)
-    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0
+    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0, anchors

@@ -86,22 +86,39 @@ DG_SPLIT = frozenset({"state", "qk_decay"})
 # The forms whose log-decay gradient is instead summed over the pairs that cross each position
 # (pallas_backward): no cancellation, so no operand needs the split (bf16 error ~2e-3 in
 # benchmarks/dg_precision_study.py, 2.4e-3 on an H100). Read when a kernel is traced. Only the
-# scalar form can take it ({SCALAR}); it was its default from v6 to v9. Since v10 the scalar
-# difference form (SCALAR_DG_SPLIT) is faster: on an H100 at B=1 T=16K H=16 D=128, simple GLA's
+# scalar form can take it ({SCALAR}); it was its default from v6 to v9. In v10 the scalar
+# difference form (SCALAR_DG_SPLIT) was faster: on an H100 at B=1 T=16K H=16 D=128, simple GLA's
 # forward+backward took 0.902 ms against 0.992 ms crossing, with the bf16 decay gradient at
-# 1.7e-3 (5.1e-3 under strong decays) against 2.4e-3 (benchmarks/NOTES_kernels.md, v10).
+# 1.7e-3 (5.1e-3 under strong decays) against 2.4e-3 (benchmarks/NOTES_kernels.md, v10). Since
+# v11 the anchored form below is the default.
 CROSSING_DG_MODES = frozenset()
 
 
-# A scalar decay's difference form splits only the carried states: its decayed q and k enter
-# the state matmuls rounded once, and the decay gradient takes the same rounded operands
-# (pallas_backward._difference_side), so their pair terms cancel exactly.
+# A scalar decay's difference form over the whole sequence (the default in v10, now taken only
+# where ANCHORED_DG_MODES leaves the scalar form out) splits only the carried states: its
+# decayed q and k enter the state matmuls rounded once, and the decay gradient takes the same
+# rounded operands (pallas_backward._difference_side), so their pair terms cancel exactly.
 SCALAR_DG_SPLIT = frozenset({"state"})
+
+
+# The forms whose log-decay gradient is anchored (pallas_backward): the difference form summed
+# only inside groups of DG_ANCHOR_CHUNKS chunks, each group starting from the exact sum over
+# the pairs that cross its first position, <S, dS> of the state entering it (stored by the dq
+# kernel) and its cotangent (dk kernel). Rounding errors then add up over one group, not the
+# sequence, so no operand needs the split. Read when a kernel is traced; crossing wins where a
+# form is in both. `python benchmarks/dg_precision_study.py --tokens 8192 --dim 128 --trials 2`
+# (bf16, chunks of 64): groups of 1, 2, 4 and 8 chunks at most 2.1e-3, 2.7e-3, 3.6e-3 and
+# 5.7e-3, the split 1.9e-3. On an H100 at B=1 T=16K H=16 D=128, simple GLA's forward+backward
+# took 0.953, 0.872, 0.843 and 0.832 ms, the split difference form 0.887
+# (benchmarks/NOTES_kernels.md, v11); 4 keeps the error well below the bf16 bar of 1e-2.
+ANCHORED_DG_MODES = frozenset({SCALAR})
+DG_ANCHOR_CHUNKS = 4
 
 
 def dg_split(mode: str, decay_grad: bool) -> frozenset:
     """The operands that enter a matmul in two bf16 parts for the log-decay gradient."""
-    if mode == NONE or not decay_grad or mode in CROSSING_DG_MODES:
+    if (mode == NONE or not decay_grad or mode in CROSSING_DG_MODES
+            or mode in ANCHORED_DG_MODES):
         return frozenset()
     return SCALAR_DG_SPLIT if mode == SCALAR else DG_SPLIT
 
