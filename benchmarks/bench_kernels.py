@@ -391,17 +391,25 @@ SWITCHES = {
     "anchor1": {"DG_ANCHOR_CHUNKS": 1},
     "anchor2": {"DG_ANCHOR_CHUNKS": 2},
     "anchor8": {"DG_ANCHOR_CHUNKS": 8},
+    # GLA's prescaled kernels with the decay gradient summed from the end (v10's form)
+    "gla_difference": {"pallas_prescaled.ANCHORED_DG": False},
 }
 
 
+def _switch_target(name):
+    """(module, attribute) of a switch: pallas_forward's, or "module.ATTR" of lasp2_jax.kernels."""
+    module, _, attr = name.rpartition(".")
+    return (getattr(pallas, module) if module else pallas_forward), attr
+
+
 def set_switches(variant):
-    """Set pallas_forward's switches as the variant says (none for a Config variant or None)
-    and return their previous values. Kernels already traced keep the old setting: call
+    """Set the kernel modules' switches as the variant says (none for a Config variant or
+    None) and return their previous values. Kernels already traced keep the old setting: call
     before the first trace, or use :func:`switched`."""
     changes = SWITCHES.get(variant, {})
-    saved = {n: getattr(pallas_forward, n) for n in changes}
+    saved = {n: getattr(*_switch_target(n)) for n in changes}
     for n, value in changes.items():
-        setattr(pallas_forward, n, value)
+        setattr(*_switch_target(n), value)
     return saved
 
 
@@ -417,7 +425,7 @@ def switched(variant):
         yield
     finally:
         for n, value in saved.items():
-            setattr(pallas_forward, n, value)
+            setattr(*_switch_target(n), value)
         if saved:
             jax.clear_caches()
 

@@ -110,17 +110,25 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-@pytest.mark.parametrize("form", ["scalar", "strong"])
+@pytest.mark.parametrize("form", ["scalar", "strong", "gla"])
 def test_anchored_decay_gradient_over_groups(form):
-    """The anchored decay gradient (the default for a learned scalar decay) over segments of
-    six chunks, so groups of four chunks and a partial group of two, with resets in the
-    scalar case: every output and gradient matches the oracle."""
+    """The anchored decay gradient (the default for a learned scalar decay and on the
+    prescaled per-dimension kernels) over two segments of several groups of chunks: for a
+    scalar decay segments of six chunks, so a group of four and a shorter one, with resets in
+    the "scalar" case; for GLA eight chunks, two groups of four. Every output and gradient
+    matches the oracle."""
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
-    B, T, H, Dk, Dv, C = 1, 180, 1, 24, 20, 16
-    plan = pallas._plan(B, T, H, Dk, Dv, "scalar", C, config)
+    B, H, Dk, Dv, C = 1, 1, 24, 20, 16
+    T = 256 if form == "gla" else 180
+    mode = "per_dim" if form == "gla" else "scalar"
+    plan = pallas._plan(B, T, H, Dk, Dv, mode, C, config)
     n_c = plan.t_pad // plan.segments // C
-    assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
-    assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
+    if form == "gla":
+        assert pallas_prescaled.ANCHORED_DG
+        assert (plan.segments, n_c, pallas_prescaled.anchor_group(n_c)) == (2, 8, 4)
+    else:
+        assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
+        assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
 
 
@@ -335,7 +343,25 @@ def test_full_attention():
 def test_gpu_matches_recurrence(form, dtype):
     """The Triton kernels on the GPU: bf16 below 1e-2, f32 below 1e-3, and the same bits on a
     second run (no race). "per_dim" has resets (the exact kernels), "gla" none (prescaled)."""
-    B, T, H, Dk, Dv = 1, 1000 + 37, 4, 72, 128
+    _gpu_check((1, 1000 + 37, 4, 72, 128), form, dtype, pallas.DEFAULT_CONFIG)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["scalar", "gla"])
+def test_gpu_anchored_groups_of_four(form):
+    """The anchored decay gradient on the GPU in groups of four chunks (one segment of 16
+    chunks of 64), bf16, learned scalar and per-dimension (prescaled) decays."""
+    config = pallas.Config(pallas_forward.BlockSizes(min_programs=4))
+    shape = (1, 1024, 2, 128, 128)
+    plan = pallas._plan(*shape, "per_dim" if form == "gla" else "scalar", 64, config)
+    n_c = plan.t_pad // plan.segments // plan.chunk
+    assert (plan.segments, n_c, pallas_prescaled.anchor_group(n_c),
+            pallas_backward.anchor_chunks(n_c)) == (1, 16, 4, 4)
+    _gpu_check(shape, form, "bfloat16", config)
+
+
+def _gpu_check(shape, form, dtype, config):
+    B, T, H, Dk, Dv = shape
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form not in ("none", "gla"))
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
@@ -345,7 +371,8 @@ def test_gpu_matches_recurrence(form, dtype):
     @jax.jit
     def run(q_, k_, v_, g_, s_, do_, dst_):
         def f(*a):
-            return pallas.chunk_linear_attention(*a[:4], scale=Dk ** -0.5, initial_state=a[4])
+            return pallas.chunk_linear_attention(*a[:4], scale=Dk ** -0.5, initial_state=a[4],
+                                                 config=config)
         (o, st), vjp = jax.vjp(f, q_, k_, v_, g_, s_)
         return [o, st, *vjp((do_, dst_))]
 

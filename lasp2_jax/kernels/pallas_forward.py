@@ -111,6 +111,8 @@ SCALAR_DG_SPLIT = frozenset({"state"})
 # 5.7e-3, the split 1.9e-3. On an H100 at B=1 T=16K H=16 D=128, simple GLA's forward+backward
 # took 0.953, 0.872, 0.843 and 0.832 ms, the split difference form 0.887
 # (benchmarks/NOTES_kernels.md, v11); 4 keeps the error well below the bf16 bar of 1e-2.
+# GLA's prescaled kernels anchor with the same group size (pallas_prescaled.ANCHORED_DG); the
+# exact per-dimension kernels keep the split.
 ANCHORED_DG_MODES = frozenset({SCALAR})
 DG_ANCHOR_CHUNKS = 4
 

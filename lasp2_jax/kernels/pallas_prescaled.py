@@ -25,11 +25,16 @@ Backward, with dqe, dke, dkd the cotangents of the prescaled operands:
     dq = dqe * exp(b),        dk = (dke + ad * dkd) * exp(-b),
 
 and the log-decay gradient is the difference form of pallas_backward (dL/db_t = q_t dq_t -
-k_t dk_t, summed from the end by pallas_scans.reverse_decay_sums), with q dq = qe dqe and
-k dk = ke dke + kd dkd. Both sides are formed from the very operands (rounded to the input
-dtype) that entered the matmuls, so the pair terms that cancel in the difference are equal
-numbers on both sides; only the carried states are rounded differently on the two sides, and
-with a decay gradient they enter their matmuls in two bf16 parts (pallas_forward.DG_SPLIT).
+k_t dk_t), with q dq = qe dqe and k dk = ke dke + kd dkd. Both sides are formed from the very
+operands (rounded to the input dtype) that entered the matmuls, so the pair terms that cancel
+in the difference are equal numbers on both sides. By default (ANCHORED_DG) it is summed only
+inside groups of chunks, from each group's anchor term per key dimension, <S[i, :], dS[i, :]>
+of the state entering the group and its cotangent (pallas_scans.anchored_decay_sums), as a
+scalar decay's is (pallas_backward). Otherwise it is summed from the end
+(pallas_scans.reverse_decay_sums), and the carried states, the one operand rounded
+differently on the two sides, enter their matmuls in two bf16 parts (STATE_SPLIT). On an H100
+at B=1 T=16K H=16 D=128 the anchored form took GLA's forward+backward from 1.555 to 1.427 ms
+(benchmarks/NOTES_kernels.md, v12).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
+from lasp2_jax.kernels import pallas_forward
 from lasp2_jax.kernels.pallas_forward import (
     SAFE_LOG_DECAY,
     causal_mask,
@@ -54,8 +60,26 @@ from lasp2_jax.kernels.pallas_forward import (
 
 _f32 = jnp.float32
 # The carried states of the backward enter their matmuls in two bf16 parts when the decay
-# gradient is taken (the operand name of pallas_forward.lowp).
+# gradient is taken over the whole sequence (the operand name of pallas_forward.lowp), that is
+# where ANCHORED_DG is off.
 STATE_SPLIT = frozenset({"state"})
+
+# The log-decay gradient anchored in groups of chunks, as a scalar decay's (pallas_backward's
+# docstring), per key dimension: the dq kernel stores the state entering each group, the dk
+# kernel forms each dimension's <S[i, :], dS[i, :]> there, pallas_scans.anchored_decay_sums
+# sums inside the groups. No split of the states, and no chunk totals over the whole sequence.
+# Read when a kernel is traced; False: the difference form summed from the end.
+ANCHORED_DG = True
+
+
+def anchor_group(n_chunks: int) -> int:
+    """Chunks per group of the anchored decay gradient for segments of n_chunks: the largest
+    power of two that divides n_chunks, at most pallas_forward.DG_ANCHOR_CHUNKS (groups then
+    tile the sequence evenly, which the sums kernel's blocks need)."""
+    group = 1
+    while group * 2 <= pallas_forward.DG_ANCHOR_CHUNKS and n_chunks % (group * 2) == 0:
+        group *= 2
+    return group
 
 
 def _params(block_sizes):
@@ -224,8 +248,15 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
 
 
 def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
-               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+               db_ref, states_ref, *, c: int, n_chunks: int, scale: float, split: frozenset,
+               anchor: int):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
+        if states_ref is not None:  # anchored: the state entering each group, for dk
+
+            @pl.when(lax.rem(ci, anchor) == 0)
+            def _():
+                states_ref[ci // anchor] = state.astype(states_ref.dtype)
+
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
         dpl = _masked_dp(do, v, c, scale, ke.dtype)
@@ -241,8 +272,9 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
-def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, dk_ref,
-               db_ref, *, c: int, n_chunks: int, scale: float, split: frozenset):
+def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, states_ref,
+               dk_ref, db_ref, anchors_ref, *, c: int, n_chunks: int, scale: float,
+               split: frozenset, anchor: int):
     def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -257,7 +289,15 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
             ke = ke_ref[sl, :]
             db_ref[sl, :] = (ke.astype(_f32) * dke
                              + decayed_keys(ke, ad).astype(_f32) * dkd)
-        return ad[:, None] * dh + scale * mm(qe, do, ta=True)
+        dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
+        if anchors_ref is not None:  # each dimension's pairs crossing the group's start
+
+            @pl.when(lax.rem(ci, anchor) == 0)
+            def _():
+                x = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_in, axis=1)  # [bk]
+                anchors_ref[pl.ds(ci // anchor, 1), :] = x[None, :]
+
+        return dh_in
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
 
@@ -285,8 +325,9 @@ def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, d
 def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
              block_sizes, decay_grad: bool):
     """dq, dk, dv [B, T, H, *] (input dtype), q dq and k dk for the log-decay gradient
-    ([B, T, H, Dk] float32; None without decay_grad) and the initial-state cotangent
-    [B, H, Dk, Dv] float32.
+    ([B, T, H, Dk] float32; None without decay_grad), the initial-state cotangent
+    [B, H, Dk, Dv] float32 and, with the anchored decay gradient (ANCHORED_DG), the groups'
+    anchor terms [B, T / (group * chunk), H, Dk] and the chunks per group (else None).
 
     qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
     and forward summaries; dst, dm the final-state cotangent and backward summaries; a the
@@ -299,7 +340,10 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
     K = L // chunk
     bk, bv = min(block_sizes.block_k, dk), min(block_sizes.block_v, dv)
     interpret = compat.pallas_interpret()
-    split = STATE_SPLIT if decay_grad else frozenset()
+    anchored = decay_grad and ANCHORED_DG
+    split = STATE_SPLIT if decay_grad and not anchored else frozenset()
+    anchor = anchor_group(K)
+    n_groups = K // anchor
 
     def seq(d, col):
         return pl.BlockSpec((None, L, None, d), (lambda bh, s, j: (bh // H, s, bh % H, j)) if col
@@ -310,22 +354,49 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
                  _chunk_decay_spec(H, K, bk, True), *summary_specs(H, S, bk, dv, True)]
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
-    outs = [grad, db] if decay_grad else [grad]
-    common = dict(c=chunk, n_chunks=K, scale=scale, split=split)
+    outs, out_specs = ([grad, db], [kblock] * 2) if decay_grad else ([grad], [kblock])
+    common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor)
+    # Anchored: the states entering the groups (dq kernel -> dk kernel) and the anchor terms,
+    # in slots of a power of two for Triton, the first n_groups written.
+    slots = max(16, 1 << (n_groups - 1).bit_length())
+    states = jax.ShapeDtypeStruct((B, H, S, n_groups, dk, dv), qe.dtype)
+    states_spec = pl.BlockSpec((None, None, None, n_groups, bk, dv),
+                               lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))
+    anchors = jax.ShapeDtypeStruct((B, H, S, slots, dk), _f32)
+    anchors_spec = pl.BlockSpec((None, None, None, slots, bk),
+                                lambda bh, s, j: (bh // H, bh % H, s, 0, j))
 
-    def with_db(kernel):  # without a decay gradient the kernel's db ref is None
-        return kernel if decay_grad else lambda *refs: kernel(*refs, None)
+    def call(kernel, name, state, summaries, kernel_inputs, extra_in=(), extra_out=()):
+        """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds. The
+        kernel takes `kernel_inputs` input refs and 3 output refs; those that this call does
+        not pass (db, the anchored form's) are None."""
+        def kernel_refs(*refs):
+            n_in = len(row_specs) + len(extra_in)
+            ins, outs_ = refs[:n_in], refs[n_in:]
+            return kernel(*ins, *[None] * (kernel_inputs - n_in), *outs_,
+                          *[None] * (3 - len(outs_)), **common)
 
-    def row_call(kernel, name, state, summaries):
-        """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds."""
         return pl.pallas_call(
-            with_db(functools.partial(kernel, **common)), grid=(B * H, S, dk // bk),
-            in_specs=row_specs, out_specs=[kblock] * len(outs), out_shape=outs,
+            kernel_refs, grid=(B * H, S, dk // bk),
+            in_specs=row_specs + [spec for spec, _ in extra_in],
+            out_specs=out_specs + [spec for spec, _ in extra_out],
+            out_shape=outs + [shape for _, shape in extra_out],
             compiler_params=_params(block_sizes), interpret=interpret, name=name,
-        )(qe, ke, v, do, g, ad, state, summaries, a)
+        )(qe, ke, v, do, g, ad, state, summaries, a, *[x for _, x in extra_in])
 
-    dq, *dbq = row_call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m)
-    dk_, *dbk = row_call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm)
+    dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 9,
+                    extra_out=[(states_spec, states)] * anchored)
+    anchor_terms = None
+    if anchored:
+        *dbq, states = dbq
+        dk_, *dbk, anchor_terms = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 10,
+                                       extra_in=[(states_spec, states)],
+                                       extra_out=[(anchors_spec, anchors)])
+        anchor_terms = jnp.moveaxis(
+            anchor_terms[:, :, :, :n_groups].reshape(B, H, S * n_groups, dk), 1, 2)
+        anchor_terms = (anchor_terms, anchor)
+    else:
+        dk_, *dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 10)
     vcol = seq(bv, True)
     dv_, ds0 = pl.pallas_call(
         functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
@@ -339,4 +410,5 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
         compiler_params=_params(block_sizes), interpret=interpret,
         name="lasp2_prescaled_bwd_dv",
     )(qe, ke, do, ad, dst, dm, a)
-    return dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0
+    return (dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0,
+            anchor_terms)
