@@ -115,8 +115,9 @@ CHECK_CASES = {
     "small": dict(B=2, T=333, H=2, Dk=72, Dv=40),
     # benchmark head size, several segments of several chunks
     "benchmark": dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
-    # 16 heads: 8 segments of 9 chunks, so the anchored decay gradient's groups of 4 chunks
-    # (and a group of 1) in every segment
+    # 16 heads: 8 segments of 9 chunks, so a scalar decay's anchored gradient has groups of 4
+    # chunks and one of 1 in every segment (GLA's prescaled kernels, whose groups must divide
+    # the 9 chunks, groups of 1)
     "heads16": dict(B=1, T=4096 + 37, H=16, Dk=128, Dv=128),
 }
 
@@ -381,8 +382,8 @@ VARIANTS = _variants()
 # Variants that set module switches, read when the kernels are traced, instead of a Config.
 # "difference_nosplit" (the scalar difference form with no operand split) is for timing only:
 # without the split its decay gradient fails the bf16 bar (benchmarks/NOTES_kernels.md).
-# "difference" is the scalar decay's default before the anchored form, "anchor1" and "anchor2"
-# the anchored form with groups of one and two chunks (the default: DG_ANCHOR_CHUNKS).
+# "difference" is the scalar decay's default before the anchored form; "anchor1", "anchor2" and
+# "anchor8" the anchored form with groups of 1, 2 and 8 chunks (default: DG_ANCHOR_CHUNKS).
 SWITCHES = {
     "crossing": {"CROSSING_DG_MODES": frozenset({pallas_forward.SCALAR})},
     "dvsummary": {"SUMMARY_ROW_BLOCKS": False},

@@ -146,7 +146,9 @@ def _anchored_sums(db, anchors, group: int, plan: _Plan):
     `group` chunks of a segment, dg_t = X - sum_{group start <= s < t} dL/db_s, where X, the
     pairs crossing the group's first position, is the group's anchor term.
 
-    db: [B, H, T] dL/db = q dq - k dk; anchors: [B, H, S, n_groups]. Returns dg [B, T, H]."""
+    db: [B, H, T] dL/db = q dq - k dk; anchors: [B, H, S, n_groups]. Returns dg [B, T, H].
+    (A few MB: XLA's cumulative sums do. GLA's per-dimension sums, [B, T, H, Dk], run as a
+    kernel, pallas_scans.anchored_decay_sums.)"""
     B, H, T = db.shape
     S, n_groups = anchors.shape[2:]
     span = group * plan.chunk
