@@ -1,0 +1,87 @@
+"""The Pallas kernels lower to Triton for a CUDA GPU, checked on a machine without one.
+
+Elsewhere on CPU the kernels run in interpret mode, which never builds their Triton IR. Here
+``compat.pallas_interpret`` answers False and the forward+backward of each decay form (and of
+the softmax layers' flash kernels) is lowered for the "cuda" platform: every kernel becomes a
+Triton custom call, and an op that Triton's lowering refuses (such as jnp's remainder, a
+nested jit whose lowering once mixed an i32 with an i1) fails here instead of on the GPU.
+Compiling the IR needs a GPU; this does not.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import triton as _  # noqa: F401  (registers the CUDA lowering)
+
+from lasp2_jax import compat
+from lasp2_jax.kernels import pallas, softmax_pallas
+
+B, T, H, D = 1, 256, 2, 32
+CUSTOM_CALL = "__gpu$xla.gpu.triton"
+_GRADIENT_KERNELS = {"lasp2_chunk_attention_fwd", "lasp2_chunk_attention_bwd_dq",
+                     "lasp2_chunk_attention_bwd_dk", "lasp2_chunk_attention_bwd_dv",
+                     "lasp2_segment_summary", "lasp2_segment_summary_bwd"}
+KERNELS = {
+    "none": _GRADIENT_KERNELS,
+    "scalar": _GRADIENT_KERNELS | {"lasp2_decay_tables"},
+    # both branches of the per-dimension choice: the prescaled kernels and the exact ones
+    "per_dim": _GRADIENT_KERNELS | {
+        "lasp2_decay_tables", "lasp2_reverse_decay_sums", "lasp2_prescale",
+        "lasp2_prescaled_fwd", "lasp2_prescaled_summary", "lasp2_prescaled_summary_bwd",
+        "lasp2_prescaled_bwd_dq", "lasp2_prescaled_bwd_dk", "lasp2_prescaled_bwd_dv",
+        "lasp2_anchored_decay_sums"},
+}
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Kernels traced as for the GPU (the jit caches cleared on both sides, so that no trace
+    in interpret mode is reused, nor this one afterwards)."""
+    monkeypatch.setattr(compat, "pallas_interpret", lambda: False)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("form", list(KERNELS))
+def test_forward_and_backward_lower_to_triton(form, dtype, triton_kernels):
+    x = jnp.zeros((B, T, H, D), dtype)
+    g = {"none": None, "scalar": jnp.zeros((B, T, H)),
+         "per_dim": jnp.zeros((B, T, H, D))}[form]
+
+    def fwd_bwd(q, k, v, g_, do):
+        def attention(*a):
+            return pallas.chunk_linear_attention(*a, scale=D ** -0.5)
+        (o, st), vjp = jax.vjp(attention, q, k, v, g_)
+        return o, vjp((do, jnp.zeros_like(st)))
+
+    _assert_triton_kernels(fwd_bwd, (x, x, x, g, x), KERNELS[form])
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["plain", "documents"])
+def test_flash_attention_lowers_to_triton(segments, triton_kernels):
+    """The softmax layers' flash kernels (LASP-2H), causal, with document ids or without."""
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    seg = jnp.zeros((B, T), jnp.int32) if segments else None
+
+    def fwd_bwd(q, k, v, do):
+        def attention(*a):
+            return softmax_pallas.flash_attention(*a, q_offset=0, causal=True, scale=0.2,
+                                                  q_seg=seg, k_seg=seg)
+        o, vjp = jax.vjp(attention, q, k, v)
+        return o, vjp(do)
+
+    _assert_triton_kernels(fwd_bwd, (x, x, x, x),
+                           {"lasp2h_flash_fwd", "lasp2h_flash_bwd_dq", "lasp2h_flash_bwd_dkv"})
+
+
+def _assert_triton_kernels(fn, args, names):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert CUSTOM_CALL in text
+    # the kernels' names (the package's own name appears in the source locations)
+    assert set(re.findall(r"lasp2h?_(?!jax)[a-z0-9_]+", text)) == names
