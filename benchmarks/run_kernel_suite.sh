@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The kernel measurements of the README (issue: Pallas kernels) in one go on one GPU.
 # Usage: benchmarks/run_kernel_suite.sh OUT_DIR
-# 1. GPU correctness against the float64 oracle (quick set: resets, bf16 for the decays);
+# 1. GPU correctness against the float64 oracle (quick set: resets, bf16 for the decays),
+#    and the GPU test of the anchored decay gradient in groups of four chunks;
 # 2. forward and forward+backward medians of the Pallas kernels, every decay form, at B=1
 #    T=16K, then B=4 T=16K and B=1 T=64K;
 # 3. where each kernel's time goes (profile_kernels.py, B=1 T=16K);
@@ -14,6 +15,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 k=benchmarks/bench_kernels.py
 timeout 100 python3 $k --check-only --quick-check --tag checks --out "$out"
+JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -n 0 -m gpu tests/test_pallas_kernels.py \
+  -k anchored_groups_of_four
 timeout 100 python3 $k --no-check --shapes 1x16384 --impls pallas --tag kernels_16k --out "$out"
 timeout 200 python3 $k --no-check --shapes 4x16384,1x65536 --impls pallas --tag kernels_long \
   --out "$out"
