@@ -15,7 +15,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 k=benchmarks/bench_kernels.py
 timeout 100 python3 $k --check-only --quick-check --tag checks --out "$out"
-JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -n 0 -m gpu tests/test_pallas_kernels.py \
+JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -o addopts="" -m gpu tests/test_pallas_kernels.py \
   -k anchored_groups_of_four
 timeout 100 python3 $k --no-check --shapes 1x16384 --impls pallas --tag kernels_16k --out "$out"
 timeout 200 python3 $k --no-check --shapes 4x16384,1x65536 --impls pallas --tag kernels_long \
