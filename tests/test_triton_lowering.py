@@ -18,9 +18,12 @@ import pytest
 from jax.experimental.pallas import triton as _  # noqa: F401  (registers the CUDA lowering)
 
 from lasp2_jax import compat
-from lasp2_jax.kernels import pallas, softmax_pallas
+from lasp2_jax.kernels import pallas, pallas_forward, softmax_pallas
 
-B, T, H, D = 1, 256, 2, 32
+B, T, H, D = 1, 512, 2, 32
+# Two segments of 4 chunks of 64: the summary kernels run, and the decay gradient is anchored
+# in groups of 4 chunks (an odd chunk count would send GLA's to the split form).
+CONFIG = pallas.Config(pallas_forward.BlockSizes(min_programs=4))
 CUSTOM_CALL = "__gpu$xla.gpu.triton"
 _GRADIENT_KERNELS = {"lasp2_chunk_attention_fwd", "lasp2_chunk_attention_bwd_dq",
                      "lasp2_chunk_attention_bwd_dk", "lasp2_chunk_attention_bwd_dv",
@@ -50,13 +53,15 @@ def triton_kernels(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("form", list(KERNELS))
 def test_forward_and_backward_lower_to_triton(form, dtype, triton_kernels):
+    plan = pallas._plan(B, T, H, D, D, form, 64, CONFIG)
+    assert (plan.segments, plan.t_pad // plan.segments // plan.chunk) == (2, 4)
     x = jnp.zeros((B, T, H, D), dtype)
     g = {"none": None, "scalar": jnp.zeros((B, T, H)),
          "per_dim": jnp.zeros((B, T, H, D))}[form]
 
     def fwd_bwd(q, k, v, g_, do):
         def attention(*a):
-            return pallas.chunk_linear_attention(*a, scale=D ** -0.5)
+            return pallas.chunk_linear_attention(*a, scale=D ** -0.5, config=CONFIG)
         (o, st), vjp = jax.vjp(attention, q, k, v, g_)
         return o, vjp((do, jnp.zeros_like(st)))
 
