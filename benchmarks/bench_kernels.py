@@ -117,7 +117,7 @@ CHECK_CASES = {
     "benchmark": dict(B=1, T=4096 + 37, H=4, Dk=128, Dv=128),
     # 16 heads: 8 segments of 9 chunks, so a scalar decay's anchored gradient has groups of 4
     # chunks and one of 1 in every segment (GLA's prescaled kernels, whose groups must divide
-    # the 9 chunks, groups of 1)
+    # the 9 chunks, take the split form there)
     "heads16": dict(B=1, T=4096 + 37, H=16, Dk=128, Dv=128),
 }
 
