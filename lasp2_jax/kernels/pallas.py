@@ -30,7 +30,7 @@ from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import is_per_dim
 from lasp2_jax.kernels import pallas_backward, pallas_forward, pallas_prescaled, pallas_scans
 from lasp2_jax.kernels.backends import Backend
-from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR
+from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR, pow2
 
 _f32 = jnp.float32
 
@@ -45,13 +45,6 @@ class Config:
 
 
 DEFAULT_CONFIG = Config()
-
-
-def _pow2(n: int, minimum: int = 16) -> int:
-    p = minimum
-    while p < n:
-        p *= 2
-    return p
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,9 +78,9 @@ def _plan(B: int, T: int, H: int, Dk: int, Dv: int, mode: str, chunk_size: int,
           config: Config) -> _Plan:
     fwd = config.forward
     c = max(16, min(chunk_size, PER_DIM_CHUNK if mode == PER_DIM else chunk_size))
-    c = _pow2(c)
+    c = pow2(c)
     fwd = dataclasses.replace(fwd, chunk=c)
-    dk, dv = _pow2(Dk), _pow2(Dv)
+    dk, dv = pow2(Dk), pow2(Dv)
     n = _cdiv(T, c)
     nv = dv // min(fwd.block_v, dv)
     s = 1

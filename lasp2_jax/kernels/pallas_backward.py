@@ -68,6 +68,7 @@ from lasp2_jax.kernels.pallas_forward import (
     mmx,
     pair_weights,
     pair_weights_dim,
+    pow2,
     run_chunk,
     segment_entry_state,
     summary_specs,
@@ -382,7 +383,7 @@ def backward(q, k, v, do, bf, cnt, fast, s0, m, dst, dm, a, *, mode: str, scale:
     states_shape = jax.ShapeDtypeStruct((B, H, S, n_states, dk, dv), q.dtype)
     states_spec = pl.BlockSpec((None, None, None, n_states, bk, dv),
                                lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))
-    slots = max(16, 1 << (n_states - 1).bit_length())  # a power of two for Triton
+    slots = pow2(n_states)  # a block of a power of two for Triton
     anchors_shape = jax.ShapeDtypeStruct((B, H, nk, S, slots), _f32)
     anchors_spec = pl.BlockSpec((None, None, None, None, slots),
                                 lambda bh, s, j: (bh // H, bh % H, j, s, 0))

@@ -143,6 +143,15 @@ def mmx(a, b, *, ta: bool = False, tb: bool = False):
     return mm(a, b, ta=ta, tb=tb)
 
 
+def pow2(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= n and >= minimum: Triton's block sizes must be powers of
+    two (and a dot needs 16 along each dimension)."""
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
 def causal_mask(c: int):
     i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     j = lax.broadcasted_iota(jnp.int32, (c, c), 1)

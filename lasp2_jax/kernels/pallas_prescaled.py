@@ -54,6 +54,7 @@ from lasp2_jax.kernels.pallas_forward import (
     lowp,
     mm,
     mmx,
+    pow2,
     segment_entry_state,
     summary_specs,
 )
@@ -362,7 +363,7 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
     common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor)
     # Anchored: the states entering the groups (dq kernel -> dk kernel) and the anchor terms,
     # in slots of a power of two for Triton, the first n_groups written.
-    slots = max(16, 1 << (n_groups - 1).bit_length())
+    slots = pow2(n_groups)
     states = jax.ShapeDtypeStruct((B, H, S, n_groups, dk, dv), qe.dtype)
     states_spec = pl.BlockSpec((None, None, None, n_groups, bk, dv),
                                lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))

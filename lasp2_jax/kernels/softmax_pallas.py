@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
-from lasp2_jax.kernels.pallas_forward import mm
+from lasp2_jax.kernels.pallas_forward import mm, pow2
 
 _f32 = jnp.float32
 # The offset travels as a small int32 vector (every entry the same): a block of a few
@@ -274,7 +274,7 @@ def flash_attention(q, k, v, *, q_offset, causal: bool, scale: float, q_seg=None
         raise ValueError(f"kv heads ({hkv}) must divide query heads ({H})")
     bq, bk = block_q, block_k
     lp, sp = _cdiv(L, bq) * bq, _cdiv(S, bk) * bk
-    d = max(16, 1 << (max(D, Dv) - 1).bit_length())
+    d = pow2(max(D, Dv))
     q_, k_ = _pad(_pad(q, 1, lp), 3, d), _pad(_pad(k.astype(q.dtype), 1, sp), 3, d)
     v_ = _pad(_pad(v.astype(q.dtype), 1, sp), 3, d)
     qs = ks = None
