@@ -142,7 +142,7 @@ def anchored_form(q, k, v, do, a, C, group):
     T = len(a)
     b, tot = _chunk_tables(a, C)
     h, dh = _states(q, k, v, do, a, C, True)
-    db = _kernel_db(q, k, v, do, a, C, "bf16")
+    db = _kernel_db(q, k, v, do, a, C, "bf16", (h, dh))
     dg = np.zeros(T, np.float64)
     for start in range(0, T, group * C):
         c = start // C
@@ -156,12 +156,13 @@ def anchored_form(q, k, v, do, a, C, group):
     return dg
 
 
-def _kernel_db(q, k, v, do, a, C, state):
-    """dL/db_t = q.dq - k.dk per token as the kernels form it (see kernel_difference_form)."""
+def _kernel_db(q, k, v, do, a, C, state, states=None):
+    """dL/db_t = q.dq - k.dk per token as the kernels form it (see kernel_difference_form);
+    states: the (h, dh) of _states(..., True) where the caller has them already."""
     T = len(a)
     n = T // C
     b, tot = _chunk_tables(a, C)
-    h, dh = _states(q, k, v, do, a, C, True)
+    h, dh = _states(q, k, v, do, a, C, True) if states is None else states
     rounded = STATE_ROUNDING[state]
     causal = np.tril(np.ones((C, C), bool))
     contrib = np.zeros(T, np.float64)
