@@ -123,12 +123,13 @@ CHECK_CASES = {
 
 
 def run_checks(out, quick=False, forms=CHECK_FORMS, case_names=tuple(CHECK_CASES),
-               save=lambda: None, dtype_names=("bfloat16", "float32")):
-    """The oracle checks of :func:`check`, saved after each one. quick: the benchmark case
-    only, bf16 only, with resets only (and no decay without)."""
+               save=lambda: None, dtype_names=("bfloat16", "float32"), variant=""):
+    """The oracle checks of :func:`check`, saved after each one (appended to out["checks"]).
+    quick: the benchmark case only, bf16 only, with resets only (and no decay without).
+    variant: switches (see switch_changes) the kernels are traced under ("": the defaults)."""
     rng = np.random.default_rng()
     rows = []
-    out["checks"] = rows
+    out.setdefault("checks", [])
     cases = [CHECK_CASES[n] for n in case_names]
     dtypes = tuple((d, tol) for d, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-3))
                    if jnp.dtype(d).name in dtype_names)
@@ -148,11 +149,13 @@ def run_checks(out, quick=False, forms=CHECK_FORMS, case_names=tuple(CHECK_CASES
                                                resets=resets)
                     ok = det and fin and max(errs.values()) < tol
                     row = dict(case=case, form=form, dtype=jnp.dtype(dtype).name, resets=resets,
-                               errors=errs, deterministic=det, finite=fin, ok=ok,
-                               seconds=round(time.time() - t0, 1))
+                               variant=variant, errors=errs, deterministic=det, finite=fin,
+                               ok=ok, seconds=round(time.time() - t0, 1))
                     rows.append(row)
+                    out["checks"].append(row)
                     save()
-                    log(f"check {case} {form:8s} {row['dtype']:8s} resets={resets!s:5s} "
+                    log(f"check {variant + ' ' if variant else ''}{case} {form:8s} "
+                        f"{row['dtype']:8s} resets={resets!s:5s} "
                         f"max_err={max(errs.values()):.2e} det={det} finite={fin} "
                         f"{'OK' if ok else 'FAIL'}  " +
                         " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
@@ -394,6 +397,10 @@ SWITCHES = {
     "anchor8": {"DG_ANCHOR_CHUNKS": 8},
     # GLA's prescaled kernels with the decay gradient summed from the end (v10's form)
     "gla_difference": {"pallas_prescaled.ANCHORED_DG": False},
+    # the anchored form's products q . dq and k . dk (pallas_forward.DG_PRODUCT)
+    "dg_operands": {"DG_PRODUCT": "operands"},
+    "dg_direct": {"DG_PRODUCT": "direct"},
+    "dg_matmul": {"DG_PRODUCT": "matmul"},
 }
 
 
@@ -403,11 +410,26 @@ def _switch_target(name):
     return (getattr(pallas, module) if module else pallas_forward), attr
 
 
+def switch_changes(variant) -> dict:
+    """The switches a variant sets: one of SWITCHES, or several joined by "+" ({} for a
+    Config variant, None or ""). Raises KeyError for an unknown name among several."""
+    if not variant or variant in VARIANTS:
+        return {}
+    changes = {}
+    for name in variant.split("+"):
+        changes.update(SWITCHES[name])
+    return changes
+
+
+def is_switch_variant(variant) -> bool:
+    return bool(variant) and all(n in SWITCHES for n in variant.split("+"))
+
+
 def set_switches(variant):
     """Set the kernel modules' switches as the variant says (none for a Config variant or
     None) and return their previous values. Kernels already traced keep the old setting: call
     before the first trace, or use :func:`switched`."""
-    changes = SWITCHES.get(variant, {})
+    changes = switch_changes(variant)
     saved = {n: getattr(*_switch_target(n)) for n in changes}
     for n, value in changes.items():
         setattr(*_switch_target(n), value)
@@ -474,7 +496,8 @@ def main():
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="",
-                   help="comma list of " + ", ".join([*VARIANTS, *SWITCHES]))
+                   help="comma list of " + ", ".join([*VARIANTS, *SWITCHES])
+                   + " (switches combine with +, as dg_direct+anchor8)")
     p.add_argument("--shapes", default="1x16384,4x16384,1x65536", help="BxT,... (--quick: first)")
     p.add_argument("--dg-split", default=None,
                    help="override the operands split for a difference-form decay gradient "
@@ -514,25 +537,33 @@ def main():
         with open(jpath, "w") as f:
             json.dump(out, f, indent=1)
 
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS and not is_switch_variant(v)]
+    if unknown:
+        p.error(f"unknown variants {unknown}")
+
+    def checks():  # the defaults, then each switch variant (a Config changes no result)
+        ok = True
+        for variant in ["", *(v for v in variants if is_switch_variant(v))]:
+            with switched(variant):
+                ok &= run_checks(out, args.quick_check, args.check_forms.split(","),
+                                 args.check_cases.split(","), save,
+                                 args.check_dtypes.split(","), variant)
+        return ok
+
     ok = True
     if not args.no_check and not args.check_last:
-        ok = run_checks(out, args.quick_check, args.check_forms.split(","),
-                        args.check_cases.split(","), save, args.check_dtypes.split(","))
+        ok = checks()
         save()
     if args.check_only:
         log("checks:", "all OK" if ok else "FAILURES")
         return
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     shapes = shapes[:1] if args.quick else shapes
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS and v not in SWITCHES]
-    if unknown:
-        p.error(f"unknown variants {unknown}")
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
                        save)
     if not args.no_check and args.check_last:
-        ok = run_checks(out, args.quick_check, args.check_forms.split(","),
-                        args.check_cases.split(","), save, args.check_dtypes.split(","))
+        ok = checks()
     save()
     ppath = os.path.join(args.out, f"{args.tag}.png")
     plot([r for r in rows if "[" not in r["impl"]], ppath)

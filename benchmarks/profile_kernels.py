@@ -77,6 +77,9 @@ def main():
     p.add_argument("--crossing-dg", action="store_true",
                    help="the scalar decay's gradient summed over crossing pairs (default: the "
                         "difference form, q dq - k dk with the states split)")
+    p.add_argument("--variant", default="",
+                   help="switches of bench_kernels.py to trace the kernels under (as there, "
+                        "combined with +)")
     p.add_argument("--hlo", action="store_true", help="also write the compiled forward's HLO")
     p.add_argument("--quick", action="store_true", help="tiny shape (CPU dry run)")
     p.add_argument("--tag", default="profile_kernels")
@@ -84,13 +87,18 @@ def main():
     args = p.parse_args()
     if args.crossing_dg:
         BK.set_switches("crossing")
+    if args.variant:
+        if not BK.is_switch_variant(args.variant):
+            p.error(f"unknown switches {args.variant!r}: {', '.join(BK.SWITCHES)}")
+        BK.set_switches(args.variant)
     B, T = (int(x) for x in args.shape.split("x"))
     H, D = (2, 32) if args.quick else (16, 128)
     T, calls = (256, 2) if args.quick else (T, args.calls)
     dev = jax.devices()[0]
     os.makedirs(args.out, exist_ok=True)
     result = dict(device=dev.device_kind, jax=jax.__version__, B=B, T=T, H=H, D=D,
-                  crossing_dg_modes=sorted(pallas_forward.CROSSING_DG_MODES), forms={})
+                  crossing_dg_modes=sorted(pallas_forward.CROSSING_DG_MODES),
+                  variant=args.variant, forms={})
     for form in args.forms.split(","):
         result["forms"][form] = profile_form(form, B, T, H, D, calls,
                                              args.out if args.hlo else None)

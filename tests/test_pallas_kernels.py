@@ -132,6 +132,41 @@ def test_anchored_decay_gradient_over_groups(form):
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
 
 
+@pytest.mark.parametrize("product", ["direct", "operands", "matmul"])
+@pytest.mark.parametrize("form", ["scalar", "gla"])
+def test_anchored_bf16_products(form, product, monkeypatch):
+    """bf16 inputs, where the anchored form's per-token products q . dq and k . dk take the
+    form pallas_forward.DG_PRODUCT names ("direct" by default; GLA's prescaled kernels read
+    only "direct"): over groups of four chunks in two segments, with resets for a scalar
+    decay, every output and gradient is within the bf16 bar of the float64 oracle."""
+    monkeypatch.setattr(pallas_forward, "DG_PRODUCT", product)
+    jax.clear_caches()
+    config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
+    B, T, H, Dk, Dv, C = 1, 256, 1, 32, 24, 16
+    mode = "per_dim" if form == "gla" else "scalar"
+    plan = pallas._plan(B, T, H, Dk, Dv, mode, C, config)
+    assert (plan.segments, plan.t_pad // plan.segments // C) == (2, 8)
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form == "scalar")
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    do = jnp.asarray(RNG.standard_normal((B, T, H, Dv)), jnp.bfloat16)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+
+    def f(q_, k_, v_, g_, s_):
+        return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=Dk ** -0.5, chunk_size=C,
+                                             initial_state=s_, config=config)
+
+    (o, st), vjp = jax.vjp(f, q, k, v, g, s0)
+    got = [o, st, *vjp((do, dst))]
+    r = [np.asarray(x.astype(jnp.float32)) for x in (q, k, v, do)]
+    want = _reference_vjp(*r[:3], g, s0, Dk ** -0.5, r[3], dst)
+    jax.clear_caches()
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "dg", "ds0"], got, want,
+                          strict=True):
+        a = np.asarray(jnp.asarray(a, jnp.float32))
+        assert np.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-2, (name, _rel(a, b))
+
+
 def _check_case(case, config=pallas.DEFAULT_CONFIG):
     name, (B, T, H, Dk, Dv), form, resets, chunk = case
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)

@@ -25,7 +25,8 @@ chunks. dg at a group's first position t0 is the sum of the pair terms over s < 
 from there dg_t = dg_t0 - sum_{t0 <= u < t} dL/db_u. The dq kernel stores S (in the input
 dtype) at each group's start; the dk kernel, which carries dS, forms <S, dS> there. The
 initial state and the final-state cotangent are in S and dS, so no other term is needed.
-Rounding errors add up over one group instead of the whole sequence.
+Rounding errors add up over one group instead of the whole sequence, so with bf16 inputs the
+products are simply q times the float32 dq and k times dk (pallas_forward.DG_PRODUCT).
 
 Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative, not the
 default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
@@ -163,6 +164,21 @@ def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
     return own + _as_f32(_scaled(x, f, split)) * inter
 
 
+def _anchored_products(x, grad, intra, scores, y, f, inter, split: frozenset):
+    """[C] x_t . grad_t over this program's Dk block for the anchored form, formed as
+    pallas_forward.DG_PRODUCT says (float32 inputs: always as _difference_side, which leaves
+    the diagonal pair out). x, grad: q and dq, or k and dk, [C, block]; the other arguments
+    are those of _difference_side."""
+    product = pallas_forward.DG_PRODUCT
+    if x.dtype == _f32 or product == "operands":
+        return jnp.sum(_difference_side(x, intra, scores, y, f, inter, split), axis=1)
+    if product == "direct":
+        return jnp.sum(x.astype(_f32) * grad, axis=1)
+    hi = grad.astype(x.dtype)
+    lo = (grad - hi.astype(_f32)).astype(x.dtype)
+    return diagonal_column(mm(hi, x, tb=True) + mm(lo, x, tb=True))[:, 0]
+
+
 def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, split: frozenset,
                  *, transpose: bool):
     """The intra-chunk term of dq, (dP * W) k (x = k), or of dk, (dP * W)^T q (x = q,
@@ -211,14 +227,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
             if states_ref is not None and not anchor:  # crossing form
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
                 db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, entering, cc)
+            elif db_ref is not None and anchor:
+                ci = sl.start // cc  # the state entering each group's first chunk, for dk
+
+                @pl.when(lax.rem(ci, anchor) == 0)
+                def _():
+                    states_ref[ci // anchor] = state.astype(states_ref.dtype)
+
+                db_ref[sl] = _anchored_products(q, dq, intra, scores, k, fq, inter, split)
             elif db_ref is not None:
-                if anchor:  # the state entering each group's first chunk, for the dk kernel
-                    ci = sl.start // cc
-
-                    @pl.when(lax.rem(ci, anchor) == 0)
-                    def _():
-                        states_ref[ci // anchor] = state.astype(states_ref.dtype)
-
                 _db_put(db_ref, sl, _difference_side(q, intra, scores, k, fq, inter, split),
                         mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
@@ -264,6 +281,8 @@ def _dk_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, dst_ref, 
             if states_ref is not None and not anchor:  # crossing form
                 db_ref[sl] = pallas_crossing.leaving_and_passing_sums(
                     k, leaving, states_ref[sl.start // cc], dh, fa)
+            elif db_ref is not None and anchor:
+                db_ref[sl] = _anchored_products(k, dk, intra, scores, q, fk, inter, split)
             elif db_ref is not None:
                 _db_put(db_ref, sl, _difference_side(k, intra, scores, q, fk, inter, split),
                         mode)

@@ -116,6 +116,18 @@ SCALAR_DG_SPLIT = frozenset({"state"})
 ANCHORED_DG_MODES = frozenset({SCALAR})
 DG_ANCHOR_CHUNKS = 4
 
+# How the anchored form forms its per-token products q . dq and k . dk from bf16 inputs:
+# "direct", x times the float32 gradient the kernel has just formed (the default);
+# "operands", as the difference form must (pallas_backward._difference_side: the decayed
+# operands rounded as the state matmuls rounded them, so that pair terms cancel exactly over
+# the whole sequence, which a group of chunks does not need); "matmul", the diagonal of the
+# gradient's two bf16 parts times x^T on the tensor cores. GLA's prescaled kernels tell only
+# "direct" from the rest. On an H100 at B=1 T=16K H=16 D=128, simple GLA's forward+backward
+# took 0.785 / 0.852 / 0.789 ms (direct / operands / matmul; a second run: direct 0.806,
+# operands 0.839), with the bf16 decay gradient at most 4.1e-3 / 3.1e-3 / 6.9e-3 from the
+# oracle (benchmarks/NOTES_kernels.md, v13). Read when a kernel is traced.
+DG_PRODUCT = "direct"
+
 
 def dg_split(mode: str, decay_grad: bool) -> frozenset:
     """The operands that enter a matmul in two bf16 parts for the log-decay gradient."""

@@ -285,9 +285,12 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         dke = mm(dpl, qe, ta=True)
         dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         ad = ad_ref[ci, :]
-        dk = (dke + ad[None, :] * dkd) * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
+        dke_total = dke + ad[None, :] * dkd  # the gradient of ke
+        dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if db_ref is not None:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
+        if anchors_ref is not None and pallas_forward.DG_PRODUCT == "direct":
+            db_ref[sl, :] = ke_ref[sl, :].astype(_f32) * dke_total  # kd = ke * exp(b_C)
+        elif db_ref is not None:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
             ke = ke_ref[sl, :]
             db_ref[sl, :] = (ke.astype(_f32) * dke
                              + decayed_keys(ke, ad).astype(_f32) * dkd)
