@@ -30,6 +30,11 @@ in bf16, summed only within groups of 1, 2, 4 or 8 chunks from each group's exac
   anchored G   the pairs crossing the group's first position as <S, dS> (S in bf16), minus
                the running sum of dL/db inside the group
 
+and, in groups of 4 chunks, with other per-token terms than the decayed operands' products:
+
+  4 direct     q times the float32 dq, k times dk (the kernels' default since v13)
+  4 output     dO.o - v.dv with o the bf16 output (needs no q in the dq kernel)
+
   python benchmarks/dg_precision_study.py            # prints a table of relative errors
 
 The "crossing" form would replace the split in the kernels if its error stays below 1e-2.
@@ -133,16 +138,21 @@ def kernel_difference_form(q, k, v, do, a, C, state="split"):
     return np.cumsum(_kernel_db(q, k, v, do, a, C, state)[::-1])[::-1]
 
 
-def anchored_form(q, k, v, do, a, C, group):
+def anchored_form(q, k, v, do, a, C, group, product="operands"):
     """dg as the kernels form it since v11 (pallas_forward.ANCHORED_DG_MODES): per token
-    dL/db = q.dq - k.dk as in kernel_difference_form with the states rounded to bf16 (no
-    split), summed only inside groups of `group` chunks, from each group's anchor: the pairs
-    crossing its first position, <S, dS> with S the state entering it rounded to bf16 (the dq
-    kernel stores it so) and dS its float32 cotangent."""
+    dL/db = q.dq - k.dk, summed only inside groups of `group` chunks, from each group's anchor:
+    the pairs crossing its first position, <S, dS> with S the state entering it rounded to bf16
+    (the dq kernel stores it so) and dS its float32 cotangent. The per-token terms by product:
+    "operands" as in kernel_difference_form with the states rounded to bf16 (v11, v12),
+    "direct" q times the float32 dq and k times dk (v13), "output" dO.o - v.dv with o the bf16
+    output (the same sum, by o_t = sum_s P_ts v_s and dv_s = sum_t P_ts dO_t; not read from q)."""
     T = len(a)
     b, tot = _chunk_tables(a, C)
     h, dh = _states(q, k, v, do, a, C, True)
-    db = _kernel_db(q, k, v, do, a, C, "bf16", (h, dh))
+    if product == "operands":
+        db = _kernel_db(q, k, v, do, a, C, "bf16", (h, dh))
+    else:
+        db = _gradient_db(q, k, v, do, a, C, (h, dh), product == "output")
     dg = np.zeros(T, np.float64)
     for start in range(0, T, group * C):
         c = start // C
@@ -154,6 +164,33 @@ def anchored_form(q, k, v, do, a, C, group):
         dg[start:start + group * C] = (np.sum(bf16(h[c]).astype(np.float64) * dh_in)
                                        - (np.cumsum(span) - span))
     return dg
+
+
+def _gradient_db(q, k, v, do, a, C, states, from_output: bool):
+    """dL/db_t per token from the float32 gradients of a chunk (states (h, dh) rounded to bf16
+    in the inter-chunk matmuls): q.dq - k.dk, or dO.o - v.dv with o rounded to bf16."""
+    T = len(a)
+    b, tot = _chunk_tables(a, C)
+    h, dh = states
+    causal = np.tril(np.ones((C, C), bool))
+    contrib = np.zeros(T, np.float64)
+    for c in range(T // C):
+        sl = slice(c * C, (c + 1) * C)
+        qc, kc, vc, dc, bc = q[sl], k[sl], v[sl], do[sl], b[c]
+        decay = np.where(causal, np.exp(np.where(causal, bc[:, None] - bc[None, :], 0.0)), 0.0)
+        fq, fk = np.exp(bc)[:, None], np.exp(tot[c] - bc)[:, None]
+        if from_output:
+            scores = bf16(mm(qc, kc.T) * decay)
+            o = bf16(mm(scores, vc) + fq * mm(qc, bf16(h[c]), False))
+            dv = mm(scores.T, dc) + fk * mm(kc, bf16(dh[c]), False)
+            x, grad, y, dy = dc, o, vc, dv
+        else:
+            wdp = bf16(mm(dc, vc.T) * decay)
+            x, grad = qc, mm(wdp, kc) + fq * mm(dc, bf16(h[c]).T, False)
+            y, dy = kc, mm(wdp.T, qc) + fk * mm(vc, bf16(dh[c]).T, False)
+        contrib[sl] = np.sum(x * grad, axis=1, dtype=np.float64) - np.sum(y * dy, axis=1,
+                                                                           dtype=np.float64)
+    return contrib
 
 
 def _kernel_db(q, k, v, do, a, C, state, states=None):
@@ -220,6 +257,7 @@ def crossing_form(q, k, v, do, a, C, passing_from_totals=False):
 
 
 ANCHOR_GROUPS = (1, 2, 4, 8)  # chunks per group of the anchored form's columns
+PRODUCTS = ("direct", "output")  # the anchored form's other per-token products, groups of 4
 
 
 def rel_err(x, ref):
@@ -237,7 +275,8 @@ def main():
     rng = np.random.default_rng()
     print(f"T={T} D={D} C={C}, relative error of d log_decay against float64")
     cols = ("difference", "split", "crossing", "via totals", "states bf16", "states split",
-            "states fp16", *(f"anchored {g}" for g in ANCHOR_GROUPS))
+            "states fp16", *(f"anchored {g}" for g in ANCHOR_GROUPS),
+            *(f"4 {p}" for p in PRODUCTS))
     print(f"{'decays':<10}" + "".join(f"{c:>13}" for c in cols))
     for name, lo, hi in (("weak", 0.001, 0.1), ("gla", 0.01, 0.5), ("strong", 0.5, 4.0)):
         errs = []
@@ -252,7 +291,9 @@ def main():
                          *(rel_err(kernel_difference_form(q, k, v, do, a, C, st), ref)
                            for st in ("bf16", "split", "fp16")),
                          *(rel_err(anchored_form(q, k, v, do, a, C, g), ref)
-                           for g in ANCHOR_GROUPS)])
+                           for g in ANCHOR_GROUPS),
+                         *(rel_err(anchored_form(q, k, v, do, a, C, 4, p), ref)
+                           for p in PRODUCTS)])
         e = np.max(errs, axis=0)
         print(f"{name:<10}" + "".join(f"{x:>13.2e}" for x in e))
 

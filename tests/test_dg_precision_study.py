@@ -45,6 +45,8 @@ def test_unrounded_forms_match_oracle(monkeypatch, lo, hi):
         assert S.rel_err(S.kernel_difference_form(q, k, v, do, a, 32, state), ref) < 1e-4
     for group in (1, 3):  # 3: the last group of the 8 chunks is shorter
         assert S.rel_err(S.anchored_form(q, k, v, do, a, 32, group), ref) < 1e-4
+    for product in S.PRODUCTS:
+        assert S.rel_err(S.anchored_form(q, k, v, do, a, 32, 3, product), ref) < 1e-4
 
 
 def test_fp16_significand_keeps_eleven_bits():
