@@ -132,20 +132,25 @@ def test_anchored_decay_gradient_over_groups(form):
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
 
 
-@pytest.mark.parametrize("product", ["direct", "operands", "matmul"])
-@pytest.mark.parametrize("form", ["scalar", "gla"])
+# GLA's prescaled kernels tell only "direct" from the rest.
+@pytest.mark.parametrize("form,product", [("scalar", "direct"), ("scalar", "operands"),
+                                          ("scalar", "matmul"), ("gla", "direct"),
+                                          ("gla", "operands")])
 def test_anchored_bf16_products(form, product, monkeypatch):
     """bf16 inputs, where the anchored form's per-token products q . dq and k . dk take the
-    form pallas_forward.DG_PRODUCT names ("direct" by default; GLA's prescaled kernels read
-    only "direct"): over groups of four chunks in two segments, with resets for a scalar
-    decay, every output and gradient is within the bf16 bar of the float64 oracle."""
+    form pallas_forward.DG_PRODUCT names ("direct" by default): over two segments of two groups
+    of four chunks, with resets for a scalar decay, every output and gradient is within the
+    bf16 bar of the float64 oracle."""
     monkeypatch.setattr(pallas_forward, "DG_PRODUCT", product)
     jax.clear_caches()
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, T, H, Dk, Dv, C = 1, 256, 1, 32, 24, 16
     mode = "per_dim" if form == "gla" else "scalar"
     plan = pallas._plan(B, T, H, Dk, Dv, mode, C, config)
-    assert (plan.segments, plan.t_pad // plan.segments // C) == (2, 8)
+    n_c = plan.t_pad // plan.segments // C
+    group = pallas_prescaled.anchor_group(n_c) if form == "gla" else (
+        pallas_backward.anchor_chunks(n_c))
+    assert (plan.segments, n_c, group) == (2, 8, 4)
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form == "scalar")
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     do = jnp.asarray(RNG.standard_normal((B, T, H, Dv)), jnp.bfloat16)

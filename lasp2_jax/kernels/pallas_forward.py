@@ -124,7 +124,7 @@ DG_ANCHOR_CHUNKS = 4
 # gradient's two bf16 parts times x^T on the tensor cores. GLA's prescaled kernels tell only
 # "direct" from the rest. On an H100 at B=1 T=16K H=16 D=128, simple GLA's forward+backward
 # took 0.785 / 0.852 / 0.789 ms (direct / operands / matmul; a second run: direct 0.806,
-# operands 0.839), with the bf16 decay gradient at most 4.1e-3 / 3.1e-3 / 6.9e-3 from the
+# operands 0.839), with the bf16 decay gradient at most 4.3e-3 / 3.1e-3 / 6.9e-3 from the
 # oracle (benchmarks/NOTES_kernels.md, v13). Read when a kernel is traced.
 DG_PRODUCT = "direct"
 

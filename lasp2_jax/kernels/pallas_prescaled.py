@@ -34,7 +34,9 @@ scalar decay's is (pallas_backward). Otherwise it is summed from the end
 (pallas_scans.reverse_decay_sums), and the carried states, the one operand rounded
 differently on the two sides, enter their matmuls in two bf16 parts (STATE_SPLIT). On an H100
 at B=1 T=16K H=16 D=128 the anchored form took GLA's forward+backward from 1.555 to 1.427 ms
-(benchmarks/NOTES_kernels.md, v12).
+(benchmarks/NOTES_kernels.md, v12). Anchored, the dk kernel takes k dk as ke times the whole
+float32 gradient of ke, dke + ad * dkd, where pallas_forward.DG_PRODUCT is "direct" (the
+default, v13): within a group the two sides need not round alike.
 """
 
 from __future__ import annotations
