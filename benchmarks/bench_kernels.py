@@ -397,10 +397,9 @@ SWITCHES = {
     "anchor8": {"DG_ANCHOR_CHUNKS": 8},
     # GLA's prescaled kernels with the decay gradient summed from the end (v10's form)
     "gla_difference": {"pallas_prescaled.ANCHORED_DG": False},
-    # the anchored form's products q . dq and k . dk (pallas_forward.DG_PRODUCT)
-    "dg_operands": {"DG_PRODUCT": "operands"},
-    "dg_direct": {"DG_PRODUCT": "direct"},
-    "dg_matmul": {"DG_PRODUCT": "matmul"},
+    # the anchored form's products q . dq and k . dk (pallas_forward.DG_DIRECT_PRODUCTS)
+    "dg_operands": {"DG_DIRECT_PRODUCTS": False},
+    "dg_direct": {"DG_DIRECT_PRODUCTS": True},
 }
 
 

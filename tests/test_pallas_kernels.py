@@ -132,16 +132,15 @@ def test_anchored_decay_gradient_over_groups(form):
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
 
 
-# GLA's prescaled kernels tell only "direct" from the rest.
-@pytest.mark.parametrize("form,product", [("scalar", "direct"), ("scalar", "operands"),
-                                          ("scalar", "matmul"), ("gla", "direct"),
-                                          ("gla", "operands")])
-def test_anchored_bf16_products(form, product, monkeypatch):
-    """bf16 inputs, where the anchored form's per-token products q . dq and k . dk take the
-    form pallas_forward.DG_PRODUCT names ("direct" by default): over two segments of two groups
-    of four chunks, with resets for a scalar decay, every output and gradient is within the
-    bf16 bar of the float64 oracle."""
-    monkeypatch.setattr(pallas_forward, "DG_PRODUCT", product)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "operands"])
+@pytest.mark.parametrize("form", ["scalar", "gla"])
+def test_anchored_bf16_products(form, direct, monkeypatch):
+    """bf16 inputs, with the anchored form's per-token products q . dq and k . dk from the
+    float32 gradients (the default) or from the rounded decayed operands
+    (pallas_forward.DG_DIRECT_PRODUCTS): over two segments of two groups of four chunks, with
+    resets for a scalar decay, every output and gradient is within the bf16 bar of the float64
+    oracle."""
+    monkeypatch.setattr(pallas_forward, "DG_DIRECT_PRODUCTS", direct)
     jax.clear_caches()
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, T, H, Dk, Dv, C = 1, 256, 1, 32, 24, 16

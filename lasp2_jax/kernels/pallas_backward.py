@@ -26,7 +26,8 @@ from there dg_t = dg_t0 - sum_{t0 <= u < t} dL/db_u. The dq kernel stores S (in 
 dtype) at each group's start; the dk kernel, which carries dS, forms <S, dS> there. The
 initial state and the final-state cotangent are in S and dS, so no other term is needed.
 Rounding errors add up over one group instead of the whole sequence, so with bf16 inputs the
-products are simply q times the float32 dq and k times dk (pallas_forward.DG_PRODUCT).
+products are simply q times the float32 dq and k times dk
+(pallas_forward.DG_DIRECT_PRODUCTS).
 
 Crossing form (scalar decays in pallas_forward.CROSSING_DG_MODES, an alternative, not the
 default since v10: slower, though more precise under strong decays): dg_u is the sum of the pair
@@ -165,18 +166,13 @@ def _difference_side(x, intra, scores, y, f, inter, split: frozenset):
 
 
 def _anchored_products(x, grad, intra, scores, y, f, inter, split: frozenset):
-    """[C] x_t . grad_t over this program's Dk block for the anchored form, formed as
-    pallas_forward.DG_PRODUCT says (float32 inputs: always as _difference_side, which leaves
-    the diagonal pair out). x, grad: q and dq, or k and dk, [C, block]; the other arguments
-    are those of _difference_side."""
-    product = pallas_forward.DG_PRODUCT
-    if x.dtype == _f32 or product == "operands":
-        return jnp.sum(_difference_side(x, intra, scores, y, f, inter, split), axis=1)
-    if product == "direct":
+    """[C] x_t . grad_t over this program's Dk block for the anchored form: x times the float32
+    gradient (pallas_forward.DG_DIRECT_PRODUCTS, bf16 inputs), else as _difference_side.
+    x, grad: q and dq, or k and dk, [C, block]; the other arguments are those of
+    _difference_side."""
+    if pallas_forward.DG_DIRECT_PRODUCTS and x.dtype != _f32:
         return jnp.sum(x.astype(_f32) * grad, axis=1)
-    hi = grad.astype(x.dtype)
-    lo = (grad - hi.astype(_f32)).astype(x.dtype)
-    return diagonal_column(mm(hi, x, tb=True) + mm(lo, x, tb=True))[:, 0]
+    return jnp.sum(_difference_side(x, intra, scores, y, f, inter, split), axis=1)
 
 
 def _exact_intra(dp, x, bf_ref, cnt_ref, sl, cc: int, mode: str, fast: bool, split: frozenset,

@@ -116,17 +116,16 @@ SCALAR_DG_SPLIT = frozenset({"state"})
 ANCHORED_DG_MODES = frozenset({SCALAR})
 DG_ANCHOR_CHUNKS = 4
 
-# How the anchored form forms its per-token products q . dq and k . dk from bf16 inputs:
-# "direct", x times the float32 gradient the kernel has just formed (the default);
-# "operands", as the difference form must (pallas_backward._difference_side: the decayed
-# operands rounded as the state matmuls rounded them, so that pair terms cancel exactly over
-# the whole sequence, which a group of chunks does not need); "matmul", the diagonal of the
-# gradient's two bf16 parts times x^T on the tensor cores. GLA's prescaled kernels tell only
-# "direct" from the rest. On an H100 at B=1 T=16K H=16 D=128, simple GLA's forward+backward
-# took 0.785 / 0.852 / 0.789 ms (direct / operands / matmul; a second run: direct 0.806,
-# operands 0.839), with the bf16 decay gradient at most 4.3e-3 / 3.1e-3 / 6.9e-3 from the
-# oracle (benchmarks/NOTES_kernels.md, v13). Read when a kernel is traced.
-DG_PRODUCT = "direct"
+# The anchored form's per-token products q . dq and k . dk: True, x times the float32
+# gradient the kernel has just formed (the default since v13); False, as the difference form
+# must, from the decayed operands rounded as the state matmuls rounded them
+# (pallas_backward._difference_side), so that pair terms cancel exactly over the whole
+# sequence, which a group of chunks does not need. A scalar decay's float32 inputs keep the
+# latter, which leaves the diagonal pair out. On an H100 at B=1 T=16K H=16 D=128, simple GLA's
+# forward+backward took 0.785 against 0.852 ms (a second run: 0.806 against 0.839), with the
+# bf16 decay gradient at most 4.3e-3 against 3.1e-3 from the oracle
+# (benchmarks/NOTES_kernels.md, v13). Read when a kernel is traced.
+DG_DIRECT_PRODUCTS = True
 
 
 def dg_split(mode: str, decay_grad: bool) -> frozenset:

@@ -35,7 +35,7 @@ scalar decay's is (pallas_backward). Otherwise it is summed from the end
 differently on the two sides, enter their matmuls in two bf16 parts (STATE_SPLIT). On an H100
 at B=1 T=16K H=16 D=128 the anchored form took GLA's forward+backward from 1.555 to 1.427 ms
 (benchmarks/NOTES_kernels.md, v12). Anchored, the dk kernel takes k dk as ke times the whole
-float32 gradient of ke, dke + ad * dkd, where pallas_forward.DG_PRODUCT is "direct" (the
+float32 gradient of ke, dke + ad * dkd, where pallas_forward.DG_DIRECT_PRODUCTS is on (the
 default, v13): within a group the two sides need not round alike.
 """
 
@@ -290,7 +290,7 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if anchors_ref is not None and pallas_forward.DG_PRODUCT == "direct":
+        if anchors_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:
             db_ref[sl, :] = ke_ref[sl, :].astype(_f32) * dke_total  # kd = ke * exp(b_C)
         elif db_ref is not None:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
             ke = ke_ref[sl, :]
