@@ -119,6 +119,9 @@ CHECK_CASES = {
     # chunks and one of 1 in every segment (GLA's prescaled kernels, whose groups must divide
     # the 9 chunks, take the split form there)
     "heads16": dict(B=1, T=4096 + 37, H=16, Dk=128, Dv=128),
+    # 32 segments of 8 chunks: GLA's anchored decay gradient in two groups of 4 per segment
+    # (the other cases give GLA groups of 1 or 2)
+    "groups": dict(B=1, T=16384, H=4, Dk=128, Dv=128),
 }
 
 
@@ -397,6 +400,8 @@ SWITCHES = {
     "anchor8": {"DG_ANCHOR_CHUNKS": 8},
     # GLA's prescaled kernels with the decay gradient summed from the end (v10's form)
     "gla_difference": {"pallas_prescaled.ANCHORED_DG": False},
+    # GLA's anchored decay gradient summed by a pass of its own, not by the dk kernel (v12-v13)
+    "gla_sums_pass": {"pallas_prescaled.DG_SUMS_IN_DK": False},
     # the anchored form's products q . dq and k . dk (pallas_forward.DG_DIRECT_PRODUCTS)
     "dg_operands": {"DG_DIRECT_PRODUCTS": False},
     "dg_direct": {"DG_DIRECT_PRODUCTS": True},

@@ -324,17 +324,10 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
                                                     reverse=True, scale=scale)
         else:
             dm = jnp.zeros_like(m)
-        dq, dk, dv, dbq, dbk, ds0, anchors = pallas_prescaled.backward(
-            qe, ke, vp, dop, gp, ad, s0p, m, dstp, dm, a, chunk=plan.chunk, scale=scale,
-            block_sizes=plan.bwd, decay_grad=decay_grad)
-        dg = None
-        if anchors is not None:  # the anchored form (pallas_prescaled.ANCHORED_DG)
-            terms, group = anchors
-            dg = pallas_scans.anchored_decay_sums(dbq, dbk, terms, plan.chunk, group)
-            dg = dg[:, :T, :, :Dk]
-        elif decay_grad:  # the difference form, as in _backward
-            final_term = jnp.sum(final * dstp, axis=-1)
-            dg = pallas_scans.reverse_decay_sums(dbq, dbk, final_term, plan.chunk)
+        dq, dk, dv, dg, ds0 = pallas_prescaled.backward(
+            qe, ke, vp, dop, gp, ad, s0p, m, final, dstp, dm, a, chunk=plan.chunk,
+            scale=scale, block_sizes=plan.bwd, decay_grad=decay_grad)
+        if dg is not None:
             dg = dg[:, :T, :, :Dk]
         return (dq[:, :T, :, :Dk], dk[:, :T, :, :Dk], dv[:, :T, :, :Dv], dg,
                 ds0[:, :, :Dk, :Dv])

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
-from lasp2_jax.kernels import pallas_forward
+from lasp2_jax.kernels import pallas_forward, pallas_scans
 from lasp2_jax.kernels.pallas_forward import (
     SAFE_LOG_DECAY,
     causal_mask,
@@ -74,6 +74,14 @@ STATE_SPLIT = frozenset({"state"})
 # Read when a kernel is traced; False: the difference form summed from the end, which segments
 # of an odd number of chunks also take (anchor_group would give groups of one).
 ANCHORED_DG = True
+
+# The anchored decay gradient summed by the dk kernel itself, which runs over the chunks in
+# reverse: each group then starts from its end, <S[i, :], dS[i, :]> of the state leaving it
+# (stored by the dq kernel) and that state's cotangent, and the kernel reads q dq from the dq
+# kernel and writes dg, so k dk never goes to memory. False: the dk kernel writes k dk and the
+# anchor terms at each group's start, and pallas_scans.anchored_decay_sums sums the two
+# [B, T, H, Dk] float32 arrays in a pass of its own. Read when a kernel is traced.
+DG_SUMS_IN_DK = True
 
 
 def anchor_group(n_chunks: int) -> int:
@@ -253,9 +261,9 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
 
 def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
                db_ref, states_ref, *, c: int, n_chunks: int, scale: float, split: frozenset,
-               anchor: int):
+               anchor: int, sums_in_dk: bool):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
-        if states_ref is not None:  # anchored: the state entering each group, for dk
+        if states_ref is not None and not sums_in_dk:  # the state entering each group
 
             @pl.when(lax.rem(ci, anchor) == 0)
             def _():
@@ -271,15 +279,28 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
             # float32 and at a size bounded by q . k (on this path no decay is strong enough to
             # make it dominate, as it can on the exact kernels, which leave it out)
             db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * dqe
-        return ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
+        leaving = ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
+        if states_ref is not None and sums_in_dk:  # the state leaving each group
+
+            @pl.when(lax.rem(ci + 1, anchor) == 0)
+            def _():
+                states_ref[ci // anchor] = leaving.astype(states_ref.dtype)
+
+        return leaving
 
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
 def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, states_ref,
-               dk_ref, db_ref, anchors_ref, *, c: int, n_chunks: int, scale: float,
-               split: frozenset, anchor: int):
-    def body(i, dh):  # dh: rows [bk] of the cotangent of the state leaving chunk ci
+               dbq_ref, dk_ref, db_ref, anchors_ref, *, c: int, n_chunks: int, scale: float,
+               split: frozenset, anchor: int, sums_in_dk: bool):
+    """dk, and for the decay gradient: k dk (db_ref), or with sums_in_dk the finished dg there,
+    from the dq kernel's q dq (dbq_ref) and the states it stored (module docstring)."""
+
+    def body(i, carry):
+        # dh: rows [bk] of the cotangent of the state leaving chunk ci; after: [bk], with
+        # sums_in_dk dg at the first token after chunk ci (the pairs crossing that position)
+        dh, after = carry
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
@@ -290,12 +311,26 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if anchors_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:
-            db_ref[sl, :] = ke_ref[sl, :].astype(_f32) * dke_total  # kd = ke * exp(b_C)
-        elif db_ref is not None:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
+        if db_ref is not None:
             ke = ke_ref[sl, :]
-            db_ref[sl, :] = (ke.astype(_f32) * dke
-                             + decayed_keys(ke, ad).astype(_f32) * dkd)
+            if states_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:  # anchored
+                k_dk = ke.astype(_f32) * dke_total
+            else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
+                k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
+            if sums_in_dk:
+                # At a group's last chunk, restart from the pairs crossing the group's end:
+                # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it)
+                # and its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s.
+                # (Formed at every chunk and selected: a lax.cond around it made the
+                # forward+backward 0.02 ms slower on an H100, NOTES_kernels.md v14.)
+                at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh, axis=1)
+                after = jnp.where(lax.rem(ci + 1, anchor) == 0, at_end, after)
+                x = dbq_ref[sl, :] - k_dk  # dL/db [C, bk]
+                total = jnp.sum(x, axis=0)
+                db_ref[sl, :] = (after + total)[None, :] - (jnp.cumsum(x, axis=0) - x)
+                after = after + total
+            else:
+                db_ref[sl, :] = k_dk
         dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
         if anchors_ref is not None:  # each dimension's pairs crossing the group's start
 
@@ -304,9 +339,10 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
                 x = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_in, axis=1)  # [bk]
                 anchors_ref[pl.ds(ci // anchor, 1), :] = x[None, :]
 
-        return dh_in
+        return dh_in, after
 
-    lax.fori_loop(0, n_chunks, body, segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
+    entering = segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True)
+    lax.fori_loop(0, n_chunks, body, (entering, jnp.zeros(entering.shape[:1], _f32)))
 
 
 def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
@@ -329,16 +365,14 @@ def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, d
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: float,
+def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scale: float,
              block_sizes, decay_grad: bool):
-    """dq, dk, dv [B, T, H, *] (input dtype), q dq and k dk for the log-decay gradient
-    ([B, T, H, Dk] float32; None without decay_grad), the initial-state cotangent
-    [B, H, Dk, Dv] float32 and, with the anchored decay gradient (ANCHORED_DG), the groups'
-    anchor terms [B, T / (group * chunk), H, Dk] and the chunks per group (else None).
+    """dq, dk, dv [B, T, H, *] (input dtype), the log-decay gradient dg [B, T, H, Dk] float32
+    (None without decay_grad) and the initial-state cotangent [B, H, Dk, Dv] float32.
 
-    qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m the initial state
-    and forward summaries; dst, dm the final-state cotangent and backward summaries; a the
-    segment decays. block_sizes: pallas_backward.BlockSizes.
+    qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m, final the initial
+    state, forward summaries and final state [B, H, Dk, Dv]; dst, dm the final-state cotangent
+    and backward summaries; a the segment decays. block_sizes: pallas_backward.BlockSizes.
     """
     B, T, H, dk = qe.shape
     dv = v.shape[-1]
@@ -365,9 +399,12 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
     outs, out_specs = ([grad, db], [kblock] * 2) if decay_grad else ([grad], [kblock])
-    common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor)
-    # Anchored: the states entering the groups (dq kernel -> dk kernel) and the anchor terms,
-    # in slots of a power of two for Triton, the first n_groups written.
+    sums_in_dk = anchored and DG_SUMS_IN_DK
+    common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor,
+                  sums_in_dk=sums_in_dk)
+    # Anchored: the states the dq kernel stores for the dk kernel (leaving each group with
+    # sums_in_dk, else entering it) and, without sums_in_dk, the anchor terms, in slots of a
+    # power of two for Triton, the first n_groups written.
     slots = pow2(n_groups)
     states = jax.ShapeDtypeStruct((B, H, S, n_groups, dk, dv), qe.dtype)
     states_spec = pl.BlockSpec((None, None, None, n_groups, bk, dv),
@@ -396,17 +433,23 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
 
     dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 9,
                     extra_out=[(states_spec, states)] * anchored)
-    anchor_terms = None
-    if anchored:
-        *dbq, states = dbq
-        dk_, *dbk, anchor_terms = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 10,
-                                       extra_in=[(states_spec, states)],
-                                       extra_out=[(anchors_spec, anchors)])
-        anchor_terms = jnp.moveaxis(
-            anchor_terms[:, :, :, :n_groups].reshape(B, H, S * n_groups, dk), 1, 2)
-        anchor_terms = (anchor_terms, anchor)
+    dg = None
+    if sums_in_dk:
+        (dbq, states) = dbq
+        dk_, dg = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11,
+                       extra_in=[(states_spec, states), (kblock, dbq)])
+    elif anchored:
+        (dbq, states) = dbq
+        dk_, dbk, terms = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11,
+                               extra_in=[(states_spec, states)],
+                               extra_out=[(anchors_spec, anchors)])
+        terms = jnp.moveaxis(terms[:, :, :, :n_groups].reshape(B, H, S * n_groups, dk), 1, 2)
+        dg = pallas_scans.anchored_decay_sums(dbq, dbk, terms, chunk, anchor)
+    elif decay_grad:  # the difference form summed from the end, as pallas.py's scalar decays
+        dk_, dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11)
+        dg = pallas_scans.reverse_decay_sums(dbq[0], dbk, jnp.sum(final * dst, axis=-1), chunk)
     else:
-        dk_, *dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 10)
+        (dk_,) = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11)
     vcol = seq(bv, True)
     dv_, ds0 = pl.pallas_call(
         functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
@@ -420,5 +463,4 @@ def backward(qe, ke, v, do, g, ad, s0, m, dst, dm, a, *, chunk: int, scale: floa
         compiler_params=_params(block_sizes), interpret=interpret,
         name="lasp2_prescaled_bwd_dv",
     )(qe, ke, do, ad, dst, dm, a)
-    return (dq, dk_, dv_, (dbq[0] if dbq else None), (dbk[0] if dbk else None), ds0,
-            anchor_terms)
+    return dq, dk_, dv_, dg, ds0
