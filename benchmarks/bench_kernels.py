@@ -400,8 +400,6 @@ SWITCHES = {
     "anchor8": {"DG_ANCHOR_CHUNKS": 8},
     # GLA's prescaled kernels with the decay gradient summed from the end (v10's form)
     "gla_difference": {"pallas_prescaled.ANCHORED_DG": False},
-    # GLA's anchored decay gradient summed by a pass of its own, not by the dk kernel (v12-v13)
-    "gla_sums_pass": {"pallas_prescaled.DG_SUMS_IN_DK": False},
     # the anchored form's products q . dq and k . dk (pallas_forward.DG_DIRECT_PRODUCTS)
     "dg_operands": {"DG_DIRECT_PRODUCTS": False},
     "dg_direct": {"DG_DIRECT_PRODUCTS": True},

@@ -110,18 +110,13 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-@pytest.mark.parametrize("form", ["scalar", "strong", "gla", "gla-sums-pass"])
-def test_anchored_decay_gradient_over_groups(form, monkeypatch):
+@pytest.mark.parametrize("form", ["scalar", "strong", "gla"])
+def test_anchored_decay_gradient_over_groups(form):
     """The anchored decay gradient (the default for a learned scalar decay and on the
     prescaled per-dimension kernels) over two segments of several groups of chunks: for a
     scalar decay segments of six chunks, so a group of four and a shorter one, with resets in
-    the "scalar" case; for GLA eight chunks, two groups of four, summed by the dk kernel (the
-    default) or by a pass of its own ("gla-sums-pass", pallas_prescaled.DG_SUMS_IN_DK off).
-    Every output and gradient matches the oracle."""
-    if form == "gla-sums-pass":
-        monkeypatch.setattr(pallas_prescaled, "DG_SUMS_IN_DK", False)
-        jax.clear_caches()
-        form = "gla"
+    the "scalar" case; for GLA eight chunks, two groups of four, summed by the dk kernel from
+    each group's end. Every output and gradient matches the oracle."""
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, H, Dk, Dv, C = 1, 1, 24, 20, 16
     T = 256 if form == "gla" else 180
@@ -135,7 +130,6 @@ def test_anchored_decay_gradient_over_groups(form, monkeypatch):
         assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
         assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
-    jax.clear_caches()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "operands"])

@@ -51,17 +51,3 @@ def test_reverse_decay_sums_at_two_shapes_in_one_process():
         got = np.asarray(pallas_scans.reverse_decay_sums(dbq, dbk, final, 64))
         want = reference.reverse_decay_sums_reference(dbq, dbk, final)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
-
-
-@pytest.mark.parametrize("group", [1, 4])
-def test_anchored_decay_sums_match_group_sums(group):
-    """In each group of chunks: the group's anchor term minus the sum of (dbq - dbk) over the
-    group's earlier tokens (float64 numpy)."""
-    B, T, H, Dk, C = 2, 256, 2, 32, 16
-    dbq, dbk = (RNG.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
-    n = T // (group * C)
-    anchors = RNG.standard_normal((B, n, H, Dk)).astype(np.float32)
-    got = np.asarray(pallas_scans.anchored_decay_sums(dbq, dbk, anchors, C, group))
-    x = (dbq.astype(np.float64) - dbk).reshape(B, n, group * C, H, Dk)
-    want = anchors[:, :, None].astype(np.float64) - (np.cumsum(x, axis=2) - x)
-    np.testing.assert_allclose(got, want.reshape(B, T, H, Dk), rtol=1e-5, atol=1e-4)

@@ -35,8 +35,7 @@ KERNELS = {
     "per_dim": _GRADIENT_KERNELS | {
         "lasp2_decay_tables", "lasp2_reverse_decay_sums", "lasp2_prescale",
         "lasp2_prescaled_fwd", "lasp2_prescaled_summary", "lasp2_prescaled_summary_bwd",
-        "lasp2_prescaled_bwd_dq", "lasp2_prescaled_bwd_dk", "lasp2_prescaled_bwd_dv",
-        "lasp2_anchored_decay_sums"},
+        "lasp2_prescaled_bwd_dq", "lasp2_prescaled_bwd_dk", "lasp2_prescaled_bwd_dv"},
 }
 
 

@@ -29,8 +29,8 @@ k_t dk_t), with q dq = qe dqe and k dk = ke dke + kd dkd. Both sides are formed 
 operands (rounded to the input dtype) that entered the matmuls, so the pair terms that cancel
 in the difference are equal numbers on both sides. By default (ANCHORED_DG) it is summed only
 inside groups of chunks, from each group's anchor term per key dimension, <S[i, :], dS[i, :]>
-of the state entering the group and its cotangent (pallas_scans.anchored_decay_sums), as a
-scalar decay's is (pallas_backward). Otherwise it is summed from the end
+of the state leaving the group and its cotangent, as a scalar decay's is (pallas_backward) but
+from the group's end, by the dk kernel itself. Otherwise it is summed from the end
 (pallas_scans.reverse_decay_sums), and the carried states, the one operand rounded
 differently on the two sides, enter their matmuls in two bf16 parts (STATE_SPLIT). On an H100
 at B=1 T=16K H=16 D=128 the anchored form took GLA's forward+backward from 1.555 to 1.427 ms
@@ -56,7 +56,6 @@ from lasp2_jax.kernels.pallas_forward import (
     lowp,
     mm,
     mmx,
-    pow2,
     segment_entry_state,
     summary_specs,
 )
@@ -68,26 +67,22 @@ _f32 = jnp.float32
 STATE_SPLIT = frozenset({"state"})
 
 # The log-decay gradient anchored in groups of chunks, as a scalar decay's (pallas_backward's
-# docstring), per key dimension: the dq kernel stores the state entering each group, the dk
-# kernel forms each dimension's <S[i, :], dS[i, :]> there, pallas_scans.anchored_decay_sums
-# sums inside the groups. No split of the states, and no chunk totals over the whole sequence.
-# Read when a kernel is traced; False: the difference form summed from the end, which segments
-# of an odd number of chunks also take (anchor_group would give groups of one).
+# docstring), per key dimension, but from each group's end: the dq kernel stores the state
+# leaving each group and writes q dq; the dk kernel, which runs over the chunks in reverse,
+# forms each dimension's <S[i, :], dS[i, :]> at a group's end, sums q dq - k dk back to the
+# group's start and writes dg itself. No split of the states, no chunk totals over the whole
+# sequence, and no k dk array or sums pass (until v13 a pass of its own summed the two
+# [B, T, H, Dk] float32 arrays: on an H100 at B=1 T=16K H=16 D=128 GLA's forward+backward took
+# 1.417 ms that way, 1.371 now; benchmarks/NOTES_kernels.md, v14). Read when a kernel is
+# traced; False: the difference form summed from the end, which segments of an odd number of
+# chunks also take (anchor_group would give groups of one).
 ANCHORED_DG = True
-
-# The anchored decay gradient summed by the dk kernel itself, which runs over the chunks in
-# reverse: each group then starts from its end, <S[i, :], dS[i, :]> of the state leaving it
-# (stored by the dq kernel) and that state's cotangent, and the kernel reads q dq from the dq
-# kernel and writes dg, so k dk never goes to memory. False: the dk kernel writes k dk and the
-# anchor terms at each group's start, and pallas_scans.anchored_decay_sums sums the two
-# [B, T, H, Dk] float32 arrays in a pass of its own. Read when a kernel is traced.
-DG_SUMS_IN_DK = True
 
 
 def anchor_group(n_chunks: int) -> int:
     """Chunks per group of the anchored decay gradient for segments of n_chunks: the largest
-    power of two that divides n_chunks, at most pallas_forward.DG_ANCHOR_CHUNKS (groups then
-    tile the sequence evenly, which the sums kernel's blocks need)."""
+    power of two that divides n_chunks, at most pallas_forward.DG_ANCHOR_CHUNKS: a segment's
+    last chunk, where the dk kernel starts, must end a group."""
     group = 1
     while group * 2 <= pallas_forward.DG_ANCHOR_CHUNKS and n_chunks % (group * 2) == 0:
         group *= 2
@@ -261,14 +256,8 @@ def _masked_dp(do, v, c: int, scale: float, dtype):
 
 def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
                db_ref, states_ref, *, c: int, n_chunks: int, scale: float, split: frozenset,
-               anchor: int, sums_in_dk: bool):
+               anchor: int):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
-        if states_ref is not None and not sums_in_dk:  # the state entering each group
-
-            @pl.when(lax.rem(ci, anchor) == 0)
-            def _():
-                states_ref[ci // anchor] = state.astype(states_ref.dtype)
-
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
         dpl = _masked_dp(do, v, c, scale, ke.dtype)
@@ -280,7 +269,7 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
             # make it dominate, as it can on the exact kernels, which leave it out)
             db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * dqe
         leaving = ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
-        if states_ref is not None and sums_in_dk:  # the state leaving each group
+        if states_ref is not None:  # anchored: the state leaving each group, for dk
 
             @pl.when(lax.rem(ci + 1, anchor) == 0)
             def _():
@@ -292,14 +281,14 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
 
 
 def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, states_ref,
-               dbq_ref, dk_ref, db_ref, anchors_ref, *, c: int, n_chunks: int, scale: float,
-               split: frozenset, anchor: int, sums_in_dk: bool):
-    """dk, and for the decay gradient: k dk (db_ref), or with sums_in_dk the finished dg there,
-    from the dq kernel's q dq (dbq_ref) and the states it stored (module docstring)."""
+               dbq_ref, dk_ref, db_ref, *, c: int, n_chunks: int, scale: float,
+               split: frozenset, anchor: int):
+    """dk and, for the decay gradient, k dk (db_ref) or, anchored (states_ref given), the
+    finished dg there, from the dq kernel's q dq (dbq_ref) and the states it stored."""
 
     def body(i, carry):
-        # dh: rows [bk] of the cotangent of the state leaving chunk ci; after: [bk], with
-        # sums_in_dk dg at the first token after chunk ci (the pairs crossing that position)
+        # dh: rows [bk] of the cotangent of the state leaving chunk ci; after [bk], anchored:
+        # dg at the first token after chunk ci (the pairs crossing that position)
         dh, after = carry
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
@@ -311,34 +300,27 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if db_ref is not None:
+        if db_ref is not None and states_ref is None:  # k dk = ke dke + kd dkd (see dq for
+            ke = ke_ref[sl, :]                        # the diagonal pair)
+            db_ref[sl, :] = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
+        elif db_ref is not None:
             ke = ke_ref[sl, :]
-            if states_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:  # anchored
+            if pallas_forward.DG_DIRECT_PRODUCTS:  # kd = ke exp(b_C)
                 k_dk = ke.astype(_f32) * dke_total
-            else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
-                k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
-            if sums_in_dk:
-                # At a group's last chunk, restart from the pairs crossing the group's end:
-                # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it)
-                # and its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s.
-                # (Formed at every chunk and selected: a lax.cond around it made the
-                # forward+backward 0.02 ms slower on an H100, NOTES_kernels.md v14.)
-                at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh, axis=1)
-                after = jnp.where(lax.rem(ci + 1, anchor) == 0, at_end, after)
-                x = dbq_ref[sl, :] - k_dk  # dL/db [C, bk]
-                total = jnp.sum(x, axis=0)
-                db_ref[sl, :] = (after + total)[None, :] - (jnp.cumsum(x, axis=0) - x)
-                after = after + total
             else:
-                db_ref[sl, :] = k_dk
+                k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
+            # At a group's last chunk, restart from the pairs crossing the group's end:
+            # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it) and
+            # its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s. (Formed at
+            # every chunk and selected: a lax.cond around it made the forward+backward 0.02 ms
+            # slower on an H100, benchmarks/NOTES_kernels.md v14.)
+            at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh, axis=1)
+            after = jnp.where(lax.rem(ci + 1, anchor) == 0, at_end, after)
+            x = dbq_ref[sl, :] - k_dk  # dL/db [C, bk]
+            total = jnp.sum(x, axis=0)
+            db_ref[sl, :] = (after + total)[None, :] - (jnp.cumsum(x, axis=0) - x)
+            after = after + total
         dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
-        if anchors_ref is not None:  # each dimension's pairs crossing the group's start
-
-            @pl.when(lax.rem(ci, anchor) == 0)
-            def _():
-                x = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_in, axis=1)  # [bk]
-                anchors_ref[pl.ds(ci // anchor, 1), :] = x[None, :]
-
         return dh_in, after
 
     entering = segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True)
@@ -399,29 +381,22 @@ def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scal
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
     outs, out_specs = ([grad, db], [kblock] * 2) if decay_grad else ([grad], [kblock])
-    sums_in_dk = anchored and DG_SUMS_IN_DK
-    common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor,
-                  sums_in_dk=sums_in_dk)
-    # Anchored: the states the dq kernel stores for the dk kernel (leaving each group with
-    # sums_in_dk, else entering it) and, without sums_in_dk, the anchor terms, in slots of a
-    # power of two for Triton, the first n_groups written.
-    slots = pow2(n_groups)
+    common = dict(c=chunk, n_chunks=K, scale=scale, split=split, anchor=anchor)
+    # Anchored: the states leaving the groups, which the dq kernel stores for the dk kernel.
     states = jax.ShapeDtypeStruct((B, H, S, n_groups, dk, dv), qe.dtype)
     states_spec = pl.BlockSpec((None, None, None, n_groups, bk, dv),
                                lambda bh, s, j: (bh // H, bh % H, s, 0, j, 0))
-    anchors = jax.ShapeDtypeStruct((B, H, S, slots, dk), _f32)
-    anchors_spec = pl.BlockSpec((None, None, None, slots, bk),
-                                lambda bh, s, j: (bh // H, bh % H, s, 0, j))
 
-    def call(kernel, name, state, summaries, kernel_inputs, extra_in=(), extra_out=()):
+    def call(kernel, name, state, summaries, n_inputs, n_outputs, extra_in=(), extra_out=()):
         """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds. The
-        kernel takes `kernel_inputs` input refs and 3 output refs; those that this call does
-        not pass (db, the anchored form's) are None."""
+        kernel takes n_inputs input refs and n_outputs output refs (dq: dq, q dq, the states;
+        dk: dk, k dk or dg); those that this call does not pass (the decay gradient's, the
+        anchored form's) are None."""
         def kernel_refs(*refs):
             n_in = len(row_specs) + len(extra_in)
             ins, outs_ = refs[:n_in], refs[n_in:]
-            return kernel(*ins, *[None] * (kernel_inputs - n_in), *outs_,
-                          *[None] * (3 - len(outs_)), **common)
+            return kernel(*ins, *[None] * (n_inputs - n_in), *outs_,
+                          *[None] * (n_outputs - len(outs_)), **common)
 
         return pl.pallas_call(
             kernel_refs, grid=(B * H, S, dk // bk),
@@ -431,25 +406,18 @@ def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scal
             compiler_params=_params(block_sizes), interpret=interpret, name=name,
         )(qe, ke, v, do, g, ad, state, summaries, a, *[x for _, x in extra_in])
 
-    dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 9,
+    dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 9, 3,
                     extra_out=[(states_spec, states)] * anchored)
     dg = None
-    if sums_in_dk:
-        (dbq, states) = dbq
-        dk_, dg = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11,
+    if anchored:
+        dbq, states = dbq
+        dk_, dg = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2,
                        extra_in=[(states_spec, states), (kblock, dbq)])
-    elif anchored:
-        (dbq, states) = dbq
-        dk_, dbk, terms = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11,
-                               extra_in=[(states_spec, states)],
-                               extra_out=[(anchors_spec, anchors)])
-        terms = jnp.moveaxis(terms[:, :, :, :n_groups].reshape(B, H, S * n_groups, dk), 1, 2)
-        dg = pallas_scans.anchored_decay_sums(dbq, dbk, terms, chunk, anchor)
     elif decay_grad:  # the difference form summed from the end, as pallas.py's scalar decays
-        dk_, dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11)
+        dk_, dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2)
         dg = pallas_scans.reverse_decay_sums(dbq[0], dbk, jnp.sum(final * dst, axis=-1), chunk)
     else:
-        (dk_,) = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11)
+        (dk_,) = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2)
     vcol = seq(bv, True)
     dv_, ds0 = pl.pallas_call(
         functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),

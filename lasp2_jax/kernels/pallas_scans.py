@@ -6,8 +6,6 @@
   (g < RESET_LOG_DECAY) from the chunk start.
 - ``reverse_decay_sums``: a per-dimension decay's gradient dg_t = sum_{s >= t} (q dq - k dk)_s
   from the two halves the dq and dk kernels emit.
-- ``anchored_decay_sums``: the same gradient in its anchored form (pallas_prescaled), summed
-  inside groups of chunks from each group's anchor term.
 
 As XLA fusions these cumulative sums re-read their window for every output: at B=1 T=16K H=16
 Dk=128 on an H100 the two tables took 0.37 ms and the reverse sum 0.63 ms
@@ -15,8 +13,6 @@ Dk=128 on an H100 the two tables took 0.37 ms and the reverse sum 0.63 ms
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -110,36 +106,3 @@ def reverse_decay_sums(dbq, dbk, final_term, chunk: int):
         interpret=compat.pallas_interpret(),
         name="lasp2_reverse_decay_sums",
     )(dbq, dbk, end, after)
-
-
-def _anchored_sums_kernel(dbq_ref, dbk_ref, anchor_ref, dg_ref, *, chunk: int, group: int):
-    def body(i, before):  # before [Dk]: dg at the chunk's first token
-        sl = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-        x = dbq_ref[sl, :] - dbk_ref[sl, :]  # [C, Dk]
-        dg_ref[sl, :] = before[None, :] - (jnp.cumsum(x, axis=0) - x)
-        return before - jnp.sum(x, axis=0)
-
-    lax.fori_loop(0, group, body, anchor_ref[...])
-
-
-def anchored_decay_sums(dbq, dbk, anchors, chunk: int, group: int):
-    """The anchored decay gradient (pallas_prescaled.ANCHORED_DG): in each group of `group`
-    chunks, dg_t = X - sum_{group start <= s < t} (dbq_s - dbk_s), X the group's anchor term
-    (the pairs crossing its first position). Sums run over one group only.
-
-    dbq, dbk: [B, T, H, Dk] float32; anchors: [B, T / (group * chunk), H, Dk] float32.
-    Returns dg [B, T, H, Dk] float32.
-    """
-    B, T, H, dk = dbq.shape
-    span = group * chunk
-    spec = pl.BlockSpec((None, span, None, dk), lambda b, i, h: (b, i, h, 0))
-    return pl.pallas_call(
-        functools.partial(_anchored_sums_kernel, chunk=chunk, group=group),
-        grid=(B, T // span, H),
-        in_specs=[spec, spec, pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, i, h, 0))],
-        out_specs=spec,
-        out_shape=jax.ShapeDtypeStruct(dbq.shape, _f32),
-        compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
-        interpret=compat.pallas_interpret(),
-        name="lasp2_anchored_decay_sums",
-    )(dbq, dbk, anchors)
