@@ -49,7 +49,13 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, config=pallas.DEFAULT_CONFIG):
+def check(rng, B, T, H, Dk, Dv, form, dtype, resets, chunk=64, min_programs=None):
+    """Relative errors of one call's outputs and gradients against the float64 oracle, and
+    whether two calls agree bit for bit and every value is finite. min_programs: the kernels'
+    BlockSizes.min_programs (None: the default, which fills a GPU), which sets the segments."""
+    config = pallas.DEFAULT_CONFIG
+    if min_programs is not None:
+        config = pallas.Config(pallas_forward.BlockSizes(min_programs=min_programs))
     q, k = (rng.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
     v = rng.standard_normal((B, T, H, Dv)).astype(np.float32)
     g = None
@@ -122,15 +128,18 @@ CHECK_CASES = {
     # 32 segments of 8 chunks: GLA's anchored decay gradient in two groups of 4 per segment
     # (the other cases give GLA groups of 1 or 2)
     "groups": dict(B=1, T=16384, H=4, Dk=128, Dv=128),
+    # the same groups at a size a CPU checks in seconds: one segment of 16 chunks
+    "groups_cpu": dict(B=1, T=1024, H=2, Dk=64, Dv=64, min_programs=2),
 }
 
 
 def run_checks(out, quick=False, forms=CHECK_FORMS, case_names=tuple(CHECK_CASES),
-               save=lambda: None, dtype_names=("bfloat16", "float32"), variant=""):
+               save=lambda: None, dtype_names=("bfloat16", "float32"), variant="", seed=None):
     """The oracle checks of :func:`check`, saved after each one (appended to out["checks"]).
     quick: the benchmark case only, bf16 only, with resets only (and no decay without).
-    variant: switches (see switch_changes) the kernels are traced under ("": the defaults)."""
-    rng = np.random.default_rng()
+    variant: switches (see switch_changes) the kernels are traced under ("": the defaults).
+    seed: of the random inputs (None: fresh ones)."""
+    rng = np.random.default_rng(seed)
     rows = []
     out.setdefault("checks", [])
     cases = [CHECK_CASES[n] for n in case_names]
@@ -495,6 +504,8 @@ def main():
                    help="the input dtypes of the oracle checks")
     p.add_argument("--check-cases", default=",".join(CHECK_CASES),
                    help="the shapes of the oracle checks: " + ", ".join(CHECK_CASES))
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the oracle checks' random inputs (default: fresh ones)")
     p.add_argument("--impls", default="pallas,xla,fla")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--variants", default="",
@@ -550,7 +561,7 @@ def main():
             with switched(variant):
                 ok &= run_checks(out, args.quick_check, args.check_forms.split(","),
                                  args.check_cases.split(","), save,
-                                 args.check_dtypes.split(","), variant)
+                                 args.check_dtypes.split(","), variant, args.seed)
         return ok
 
     ok = True

@@ -295,7 +295,8 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dpl = _masked_dp(do, v, c, scale, qe.dtype)
         dke = mm(dpl, qe, ta=True)
-        dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
+        dh_low = lowp(dh, v.dtype, "state", split)  # as the matmul takes it
+        dkd = mmx(v, dh_low, tb=True)
         ad = ad_ref[ci, :]
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
@@ -311,10 +312,14 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
                 k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
             # At a group's last chunk, restart from the pairs crossing the group's end:
             # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it) and
-            # its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s. (Formed at
-            # every chunk and selected: a lax.cond around it made the forward+backward 0.02 ms
-            # slower on an H100, benchmarks/NOTES_kernels.md v14.)
-            at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh, axis=1)
+            # its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s. dS enters
+            # rounded as the matmul above took it (anchored, dh_low is one array), so that its
+            # rounding error in the anchor cancels against the one in this chunk's k dk (a
+            # CPU comparison gave a bf16 decay-gradient error of 5.7e-3 this way, 6.2e-3 with
+            # dS unrounded; NOTES_kernels.md v14). Formed at every chunk and selected: a
+            # lax.cond around it made the forward+backward 0.02 ms slower on an H100.
+            at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_low.astype(_f32),
+                             axis=1)
             after = jnp.where(lax.rem(ci + 1, anchor) == 0, at_end, after)
             x = dbq_ref[sl, :] - k_dk  # dL/db [C, bk]
             total = jnp.sum(x, axis=0)
