@@ -140,8 +140,8 @@ def _anchored_sums(db, anchors, group: int, plan: _Plan):
     pairs crossing the group's first position, is the group's anchor term.
 
     db: [B, H, T] dL/db = q dq - k dk; anchors: [B, H, S, n_groups]. Returns dg [B, T, H].
-    (A few MB: XLA's cumulative sums do. GLA's per-dimension sums, [B, T, H, Dk], run as a
-    kernel, pallas_scans.anchored_decay_sums.)"""
+    (A few MB: XLA's cumulative sums do. GLA's per-dimension sums, [B, T, H, Dk], run inside
+    its dk kernel, pallas_prescaled.ANCHORED_DG.)"""
     B, H, T = db.shape
     S, n_groups = anchors.shape[2:]
     span = group * plan.chunk

@@ -301,15 +301,15 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        if db_ref is not None and states_ref is None:  # k dk = ke dke + kd dkd (see dq for
-            ke = ke_ref[sl, :]                        # the diagonal pair)
-            db_ref[sl, :] = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
-        elif db_ref is not None:
+        if db_ref is not None:
             ke = ke_ref[sl, :]
-            if pallas_forward.DG_DIRECT_PRODUCTS:  # kd = ke exp(b_C)
-                k_dk = ke.astype(_f32) * dke_total
-            else:
+            if states_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:  # anchored
+                k_dk = ke.astype(_f32) * dke_total  # kd = ke exp(b_C)
+            else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
                 k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
+        if db_ref is not None and states_ref is None:
+            db_ref[sl, :] = k_dk  # summed from the end by pallas_scans.reverse_decay_sums
+        elif db_ref is not None:
             # At a group's last chunk, restart from the pairs crossing the group's end:
             # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it) and
             # its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s. dS enters
