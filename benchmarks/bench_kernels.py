@@ -412,6 +412,8 @@ SWITCHES = {
     # the anchored form's products q . dq and k . dk (pallas_forward.DG_DIRECT_PRODUCTS)
     "dg_operands": {"DG_DIRECT_PRODUCTS": False},
     "dg_direct": {"DG_DIRECT_PRODUCTS": True},
+    # the scalar anchored dq kernel's group states stored at the group's start (before v14)
+    "states_early": {"pallas_backward.STORE_GROUP_STATES_LATE": False},
 }
 
 

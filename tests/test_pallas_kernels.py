@@ -110,13 +110,19 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-@pytest.mark.parametrize("form", ["scalar", "strong", "gla"])
-def test_anchored_decay_gradient_over_groups(form):
+@pytest.mark.parametrize("form", ["scalar", "scalar-states-early", "strong", "gla"])
+def test_anchored_decay_gradient_over_groups(form, monkeypatch):
     """The anchored decay gradient (the default for a learned scalar decay and on the
     prescaled per-dimension kernels) over two segments of several groups of chunks: for a
     scalar decay segments of six chunks, so a group of four and a shorter one, with resets in
     the "scalar" case; for GLA eight chunks, two groups of four, summed by the dk kernel from
-    each group's end. Every output and gradient matches the oracle."""
+    each group's end. "scalar-states-early": the dq kernel stores each group's state at the
+    group's start (pallas_backward.STORE_GROUP_STATES_LATE off). Every output and gradient
+    matches the oracle."""
+    if form == "scalar-states-early":
+        monkeypatch.setattr(pallas_backward, "STORE_GROUP_STATES_LATE", False)
+        jax.clear_caches()
+        form = "scalar"
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, H, Dk, Dv, C = 1, 1, 24, 20, 16
     T = 256 if form == "gla" else 180
@@ -130,6 +136,7 @@ def test_anchored_decay_gradient_over_groups(form):
         assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
         assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
     _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
+    jax.clear_caches()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "operands"])
