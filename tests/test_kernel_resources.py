@@ -15,12 +15,12 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import kernel_resources as KR  # noqa: E402
 
-from lasp2_jax.kernels import pallas_forward  # noqa: E402
+from lasp2_jax.kernels import pallas_backward  # noqa: E402
 
 
 def test_lowered_kernels_capture_ir_and_launch_parameters():
     kernels = KR.lowered_kernels("simple_gla", B=1, T=1024, H=2, D=32)
-    bwd = pallas_forward.BlockSizes()
+    bwd = pallas_backward.BlockSizes()  # the backward kernels' launch parameters
     assert {"lasp2_chunk_attention_fwd", "lasp2_chunk_attention_bwd_dq",
             "lasp2_chunk_attention_bwd_dk", "lasp2_chunk_attention_bwd_dv",
             "lasp2_decay_tables"} <= set(kernels)
