@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench_kernels as BK  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 from jax.experimental.pallas import triton as _triton  # noqa: E402,F401  (the CUDA lowering)
@@ -84,8 +85,7 @@ def lowered_kernels(form: str, B: int, T: int, H: int = 16, D: int = 128) -> dic
         return result
 
     x = jnp.zeros((B, T, H, D), jnp.bfloat16)
-    g = BK.make_decay(None, form, B, T, H, D) if form in ("basic", "lightning") else (
-        jnp.zeros((B, T, H) if form == "simple_gla" else (B, T, H, D), jnp.float32))
+    g = BK.make_decay(np.random.default_rng(0), form, B, T, H, D)
     g = None if g is None else jnp.asarray(g)
     fwd_bwd = BK.jax_calls("pallas", x.shape, D ** -0.5)[1]
     interpret = compat.pallas_interpret

@@ -52,6 +52,7 @@ from lasp2_jax import compat
 from lasp2_jax.kernels import pallas_forward, pallas_scans
 from lasp2_jax.kernels.pallas_forward import (
     SAFE_LOG_DECAY,
+    absent_refs,
     causal_mask,
     lowp,
     mm,
@@ -280,6 +281,27 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
+def _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after, state, dh_low, group_end):
+    """Write one chunk's dg [C, bk] and return dg at its first token ([bk]).
+
+    dbq_ref, k_dk: the chunk's q dq (the dq kernel's) and k dk [C, bk], whose difference is
+    dL/db; after: dg at the first token after the chunk;
+    state, dh_low: the stored state leaving the group [bk, Dv] and the cotangent of the state
+    leaving this chunk, as the matmul took it; group_end: whether this chunk ends its group.
+    At a group's end dg restarts from the pairs crossing it, <S[i, :], dS[i, :]>; then
+    dg_t = after + sum_{t <= s <= chunk end} x_s. dS enters rounded as the dk matmul took it,
+    so that its rounding error in the anchor cancels against the one in this chunk's k dk (a
+    CPU comparison gave a bf16 decay-gradient error of 5.7e-3 this way, 6.2e-3 with dS
+    unrounded; NOTES_kernels.md v14). The anchor is formed at every chunk and selected: a
+    lax.cond around it made the forward+backward 0.02 ms slower on an H100."""
+    at_end = jnp.sum(state.astype(_f32) * dh_low.astype(_f32), axis=1)
+    after = jnp.where(group_end, at_end, after)
+    x = dbq_ref[sl, :] - k_dk  # loaded after the anchor: in the other order the compiled
+    total = jnp.sum(x, axis=0)  # kernel spilled 164 bytes, not 128 (kernel_resources.py)
+    db_ref[sl, :] = (after + total)[None, :] - (jnp.cumsum(x, axis=0) - x)
+    return after + total
+
+
 def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, states_ref,
                dbq_ref, dk_ref, db_ref, *, c: int, n_chunks: int, scale: float,
                split: frozenset, anchor: int):
@@ -307,24 +329,12 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
                 k_dk = ke.astype(_f32) * dke_total  # kd = ke exp(b_C)
             else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
                 k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
-        if db_ref is not None and states_ref is None:
-            db_ref[sl, :] = k_dk  # summed from the end by pallas_scans.reverse_decay_sums
-        elif db_ref is not None:
-            # At a group's last chunk, restart from the pairs crossing the group's end:
-            # <S[i, :], dS[i, :]> of the state leaving the group (the dq kernel stored it) and
-            # its cotangent. Then dg_t = after + sum_{t <= s <= chunk end} dL/db_s. dS enters
-            # rounded as the matmul above took it (anchored, dh_low is one array), so that its
-            # rounding error in the anchor cancels against the one in this chunk's k dk (a
-            # CPU comparison gave a bf16 decay-gradient error of 5.7e-3 this way, 6.2e-3 with
-            # dS unrounded; NOTES_kernels.md v14). Formed at every chunk and selected: a
-            # lax.cond around it made the forward+backward 0.02 ms slower on an H100.
-            at_end = jnp.sum(states_ref[ci // anchor].astype(_f32) * dh_low.astype(_f32),
-                             axis=1)
-            after = jnp.where(lax.rem(ci + 1, anchor) == 0, at_end, after)
-            x = dbq_ref[sl, :] - k_dk  # dL/db [C, bk]
-            total = jnp.sum(x, axis=0)
-            db_ref[sl, :] = (after + total)[None, :] - (jnp.cumsum(x, axis=0) - x)
-            after = after + total
+            if states_ref is None:  # summed from the end by pallas_scans.reverse_decay_sums
+                db_ref[sl, :] = k_dk
+            else:
+                after = _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after,
+                                                states_ref[ci // anchor], dh_low,
+                                                lax.rem(ci + 1, anchor) == 0)
         dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
         return dh_in, after
 
@@ -397,12 +407,11 @@ def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scal
         kernel takes n_inputs input refs and n_outputs output refs (dq: dq, q dq, the states;
         dk: dk, k dk or dg); those that this call does not pass (the decay gradient's, the
         anchored form's) are None."""
-        def kernel_refs(*refs):
-            n_in = len(row_specs) + len(extra_in)
-            ins, outs_ = refs[:n_in], refs[n_in:]
-            return kernel(*ins, *[None] * (n_inputs - n_in), *outs_,
-                          *[None] * (n_outputs - len(outs_)), **common)
-
+        n_in = len(row_specs) + len(extra_in)
+        kernel_refs = absent_refs(
+            absent_refs(functools.partial(kernel, **common),
+                        n_outputs - len(out_specs) - len(extra_out)),
+            n_inputs - n_in, position=n_in)
         return pl.pallas_call(
             kernel_refs, grid=(B * H, S, dk // bk),
             in_specs=row_specs + [spec for spec, _ in extra_in],
