@@ -197,15 +197,34 @@ def jax_sync(x):
     jax.block_until_ready(x)
 
 
-def make_decay(rng, form, B, T, H, Dk):
+# The forms whose decay is learned, so that a training step differentiates it (Lightning's is
+# fixed per head, as FLA's g_gamma; basic linear attention's packed documents bring a decay
+# that is resets only).
+LEARNED_DECAY = ("simple_gla", "gla")
+
+
+def make_decay(rng, form, B, T, H, Dk, doc_len: int = 0):
+    """The form's log decay as the benchmarks feed it: None, [H], [B, T, H] or [B, T, H, Dk]
+    float32. doc_len > 0: packed documents of doc_len tokens on average (each token after the
+    first starts a new one with probability 1 / doc_len), folded into the decay as a training
+    step folds its segment ids (models.mixers.with_resets: -inf at each document's start), so
+    every form but GLA becomes a [B, T, H] decay."""
     if form == "basic":
-        return None
-    if form == "lightning":
+        g = None
+    elif form == "lightning":
         h = np.arange(H)
-        return (-(8.0 / H) * (1 - 0.5) * h / 8.0 - 1e-3).astype(np.float32)  # [H]
-    if form == "simple_gla":
-        return np.log(rng.uniform(0.9, 1.0, (B, T, H))).astype(np.float32)
-    return np.log(rng.uniform(0.9, 1.0, (B, T, H, Dk))).astype(np.float32)
+        g = (-(8.0 / H) * (1 - 0.5) * h / 8.0 - 1e-3).astype(np.float32)  # [H]
+    elif form == "simple_gla":
+        g = np.log(rng.uniform(0.9, 1.0, (B, T, H))).astype(np.float32)
+    else:
+        g = np.log(rng.uniform(0.9, 1.0, (B, T, H, Dk))).astype(np.float32)
+    if doc_len <= 0:
+        return g
+    from lasp2_jax.models.mixers import with_resets
+
+    starts = rng.uniform(size=(B, T)) < 1.0 / doc_len
+    segment_ids = jnp.asarray(np.cumsum(starts, axis=1))
+    return np.asarray(with_resets(None if g is None else jnp.asarray(g), segment_ids, B, T, H))
 
 
 def canonical(g, B, T, H):
@@ -214,10 +233,11 @@ def canonical(g, B, T, H):
     return jnp.broadcast_to(jnp.asarray(g), (B, T, H))
 
 
-def jax_calls(impl, shape, scale, config=None):
+def jax_calls(impl, shape, scale, config=None, learned=None):
     """Jitted (forward, forward+backward) of the pallas or xla backend for q of ``shape``
     [B, T, H, D]: fwd(q, k, v, g) -> o and fwd_bwd(q, k, v, g, do) -> gradients, where g is
-    None, [H] (Lightning), [B, T, H] or [B, T, H, Dk]."""
+    None, [H] (Lightning), [B, T, H] or [B, T, H, Dk]. learned: whether the decay is
+    differentiated (None: unless it is [H], Lightning's)."""
     B, T, H, _ = shape
     if impl == "pallas":
         cfg = config or pallas.DEFAULT_CONFIG
@@ -231,7 +251,7 @@ def jax_calls(impl, shape, scale, config=None):
 
     @jax.jit
     def fwd_bwd(q_, k_, v_, g_, do_):
-        if g_ is not None and g_.ndim == 1:
+        if g_ is not None and not (g_.ndim != 1 if learned is None else learned):
             # Lightning's decay is fixed, not learned (as FLA's g_gamma): no decay gradient.
             o, vjp = jax.vjp(lambda a, b, c: attn(a, b, c, g_), q_, k_, v_)
         else:
@@ -243,8 +263,8 @@ def jax_calls(impl, shape, scale, config=None):
     return jax.jit(attn), fwd_bwd
 
 
-def bench_jax(impl, q, k, v, g, do, scale, config=None):
-    fwd, fwd_bwd = jax_calls(impl, q.shape, scale, config)
+def bench_jax(impl, q, k, v, g, do, scale, config=None, learned=None):
+    fwd, fwd_bwd = jax_calls(impl, q.shape, scale, config, learned)
     t_f = time_calls(lambda: fwd(q, k, v, g), jax_sync)
     t_fb = time_calls(lambda: fwd_bwd(q, k, v, g, do), jax_sync)
     return t_f, t_fb
@@ -316,7 +336,7 @@ def hbm_bytes(B, T, H, D, form):
     return fwd, fwd + 4 * x + gb  # + do in; dq, dk, dv out (+ dg)
 
 
-def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
+def run_timings(out, shapes, impls, forms, variants, save=lambda: None, doc_len: int = 0):
     rng = np.random.default_rng()
     H, D = 16, 128
     bw = copy_bandwidth()
@@ -330,7 +350,7 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
         scale = D ** -0.5
         f_fwd, f_fb = flops(B, T, H, D)
         for form in forms:
-            gn = make_decay(rng, form, B, T, H, D)
+            gn = make_decay(rng, form, B, T, H, D, doc_len)
             g = None if gn is None else jnp.asarray(gn)
             b_fwd, b_fb = hbm_bytes(B, T, H, D, form)
             cases = [(impl, None) for impl in impls]
@@ -346,7 +366,8 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
                         cfg = VARIANTS.get(variant)
                         with switched(variant):
                             try:
-                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
+                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg,
+                                                      form in LEARNED_DECAY)
                             except Exception:
                                 if impl != "pallas" or not pallas_forward.FAST_PATH_MODES:
                                     raise
@@ -354,12 +375,14 @@ def run_timings(out, shapes, impls, forms, variants, save=lambda: None):
                                 pallas_forward.FAST_PATH_MODES = frozenset()
                                 jax.clear_caches()  # traced anew without the fast path
                                 name += "(exact)"
-                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg)
+                                t_f, t_fb = bench_jax(impl, q, k, v, g, do, scale, cfg,
+                                                      form in LEARNED_DECAY)
                 except Exception as e:  # a kernel that does not run here is a result too
                     t_f = t_fb = float("nan")
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     traceback.print_exc(limit=2)
-                row = dict(B=B, T=T, H=H, D=D, form=form, impl=name, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                row = dict(B=B, T=T, H=H, D=D, form=form, impl=name, doc_len=doc_len,
+                           fwd_ms=t_f, fwd_bwd_ms=t_fb,
                            fwd_tflops=f_fwd / (t_f * 1e-3) / 1e12,
                            fwd_bwd_tflops=f_fb / (t_fb * 1e-3) / 1e12,
                            fwd_GBps=b_fwd / (t_f * 1e-3) / 1e9,
@@ -412,8 +435,9 @@ SWITCHES = {
     # the anchored form's products q . dq and k . dk (pallas_forward.DG_DIRECT_PRODUCTS)
     "dg_operands": {"DG_DIRECT_PRODUCTS": False},
     "dg_direct": {"DG_DIRECT_PRODUCTS": True},
-    # the scalar anchored dq kernel's group states stored at the group's start (before v14)
-    "states_early": {"pallas_backward.STORE_GROUP_STATES_LATE": False},
+    # timing only: the scalar forms' kernels with the factorised chunk loop alone (right on
+    # the benchmarks' inputs, which every segment factorises; pallas_forward.ONE_LOOP)
+    "one_loop": {"ONE_LOOP": "factorised"},
 }
 
 
@@ -523,6 +547,9 @@ def main():
     p.add_argument("--exact-per-dim", action="store_true",
                    help="the per-dimension decay on the exact kernels only (default: the "
                         "prescaled kernels where every chunk allows them)")
+    p.add_argument("--doc-len", type=int, default=0,
+                   help="time packed documents of this mean length (resets in the decay, as "
+                        "in training; default 0: one document)")
     p.add_argument("--tag", default="kernels")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args()
@@ -575,8 +602,11 @@ def main():
         return
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     shapes = shapes[:1] if args.quick else shapes
+    if args.doc_len and "fla" in args.impls.split(","):
+        p.error("--doc-len times this project's kernels only (FLA takes documents as cu_seqlens)")
+    out["doc_len"] = args.doc_len
     rows = run_timings(out, shapes, args.impls.split(","), args.forms.split(","), variants,
-                       save)
+                       save, args.doc_len)
     if not args.no_check and args.check_last:
         ok = checks()
     save()

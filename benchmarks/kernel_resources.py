@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import re
@@ -37,12 +36,11 @@ import bench_kernels as BK  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 from jax.experimental.pallas import triton as _triton  # noqa: E402,F401  (the CUDA lowering)
 
 from lasp2_jax import compat  # noqa: E402
-from lasp2_jax.kernels import pallas_backward, pallas_forward  # noqa: E402
+from lasp2_jax.kernels import pallas_forward  # noqa: E402
 
 PTXAS_LINE = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -53,21 +51,13 @@ def one_loop(kind: str | None):
     """With a decay, pallas_forward.chunk_loop holds two chunk loops in one kernel, picked per
     program (factorised pair weights where a segment allows them, the exact ones elsewhere),
     and ptxas reports the kernel as a whole. kind "factorised" or "exact" keeps that loop
-    alone, to see what one of them needs; None changes nothing."""
-    if kind is None:
-        yield
-        return
-
-    def chunk_loop(n_chunks, body, init, *, mode, fast_ref):
-        factorised = kind == "factorised" and mode != pallas_forward.NONE
-        return lax.fori_loop(0, n_chunks, functools.partial(body, factorised=factorised), init)
-
-    saved = pallas_forward.chunk_loop, pallas_backward.chunk_loop
-    pallas_forward.chunk_loop = pallas_backward.chunk_loop = chunk_loop
+    alone (pallas_forward.ONE_LOOP), to see what one of them needs; None changes nothing."""
+    saved = pallas_forward.ONE_LOOP
+    pallas_forward.ONE_LOOP = kind
     try:
         yield
     finally:
-        pallas_forward.chunk_loop, pallas_backward.chunk_loop = saved
+        pallas_forward.ONE_LOOP = saved
 
 
 def lowered_kernels(form: str, B: int, T: int, H: int = 16, D: int = 128) -> dict:

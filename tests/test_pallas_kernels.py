@@ -110,19 +110,13 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-@pytest.mark.parametrize("form", ["scalar", "scalar-states-early", "strong", "gla"])
-def test_anchored_decay_gradient_over_groups(form, monkeypatch):
+@pytest.mark.parametrize("form", ["scalar", "strong", "gla"])
+def test_anchored_decay_gradient_over_groups(form):
     """The anchored decay gradient (the default for a learned scalar decay and on the
     prescaled per-dimension kernels) over two segments of several groups of chunks: for a
     scalar decay segments of six chunks, so a group of four and a shorter one, with resets in
     the "scalar" case; for GLA eight chunks, two groups of four, summed by the dk kernel from
-    each group's end. "scalar-states-early": the dq kernel stores each group's state at the
-    group's start (pallas_backward.STORE_GROUP_STATES_LATE off). Every output and gradient
-    matches the oracle."""
-    if form == "scalar-states-early":
-        monkeypatch.setattr(pallas_backward, "STORE_GROUP_STATES_LATE", False)
-        jax.clear_caches()
-        form = "scalar"
+    each group's end. Every output and gradient matches the oracle."""
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, H, Dk, Dv, C = 1, 1, 24, 20, 16
     T = 256 if form == "gla" else 180

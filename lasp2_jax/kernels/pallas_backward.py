@@ -79,14 +79,6 @@ from lasp2_jax.kernels.pallas_forward import (
 
 _f32 = jnp.float32
 
-# Where the dq kernel of the anchored form stores the state entering each group: True, at the
-# end of the chunk before, past the chunk's outputs; False, at the group's first chunk's start,
-# where it was until v14. Compiled for sm_90a by Triton 3.6 (python
-# benchmarks/kernel_resources.py --forms simple_gla --kernels bwd_dq), the late store takes
-# the simple-GLA dq kernel's register spills from 592 to 460 bytes (Lightning's: 92); not yet
-# timed on a GPU (bench variant "states_early"). Read when a kernel is traced.
-STORE_GROUP_STATES_LATE = True
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -232,22 +224,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
                 states_ref[sl.start // cc] = state.astype(states_ref.dtype)
                 db_ref[sl] = pallas_crossing.inside_and_entering_sums(q, k, scores, entering, cc)
             elif db_ref is not None and anchor:
-                if not STORE_GROUP_STATES_LATE:
-                    ci = sl.start // cc  # the state entering each group's first chunk, for dk
-
-                    @pl.when(lax.rem(ci, anchor) == 0)
-                    def _():
-                        states_ref[ci // anchor] = state.astype(states_ref.dtype)
-
                 db_ref[sl] = _anchored_products(q, dq, intra, scores, k, fq, inter, split)
             elif db_ref is not None:
                 _db_put(db_ref, sl, _difference_side(q, intra, scores, k, fq, inter, split),
                         mode)
         dq_ref[sl, :] = dq.astype(dq_ref.dtype)
         leaving = fa * state + mmx(_scaled(k, fk, split), v, ta=True)
-        if states_ref is not None and anchor and STORE_GROUP_STATES_LATE:
+        if states_ref is not None and anchor:
             # The state entering each group's first chunk, for dk, stored as it leaves the
-            # chunk before (the first group's before the loop).
+            # chunk before (the first group's before the loop). Stored at the group's first
+            # chunk instead (until v14), the compiled kernel spilled more registers (592
+            # against 460 bytes for sm_90a) but ran as fast on an H100 (NOTES_kernels.md v15).
             nxt = sl.start // cc + 1
 
             @pl.when((lax.rem(nxt, anchor) == 0) & (nxt < n_chunks))
@@ -261,7 +248,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, bf_ref, cnt_ref, fast_ref, s0_ref, m
                          factorised=factorised)
 
     entering = segment_entry_state(s0_ref, m_ref, a_ref)
-    if states_ref is not None and anchor and STORE_GROUP_STATES_LATE:
+    if states_ref is not None and anchor:
         states_ref[0] = entering.astype(states_ref.dtype)
     chunk_loop(n_chunks, body, entering, mode=mode, fast_ref=fast_ref)
 

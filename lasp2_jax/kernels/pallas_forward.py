@@ -341,6 +341,12 @@ def run_chunk(step, load, ci, carry, *, c: int, mode: str, bf_ref, cnt_ref,
 # has b_C > SAFE_LOG_DECAY in every dimension.)
 FACTOR_LOG_DECAY = -80.0
 
+# For measurements only: "factorised" or "exact" compiles that one of chunk_loop's two loops
+# and runs it whatever a segment's flag says, so results are right only where every segment
+# takes it (the benchmarks' inputs take the factorised one). None: both loops, the default.
+# Read when a kernel is traced.
+ONE_LOOP = None
+
 
 def chunk_loop(n_chunks: int, body, init, *, mode: str, fast_ref):
     """lax.fori_loop over the chunks of body(i, carry, factorised) -> carry.
@@ -356,6 +362,8 @@ def chunk_loop(n_chunks: int, body, init, *, mode: str, fast_ref):
 
     if mode == NONE or (mode == PER_DIM and mode not in FAST_PATH_MODES):
         return loop(False)(init)
+    if ONE_LOOP is not None:
+        return loop(ONE_LOOP == "factorised")(init)
     flags = fast_ref[...]
     mine = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, flags.shape, 0)
                              == pl.program_id(1), flags, 0))

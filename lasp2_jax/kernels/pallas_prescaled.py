@@ -281,20 +281,21 @@ def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_re
     lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
 
 
-def _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after, state, dh_low, group_end):
+def _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after, state, dh, group_end):
     """Write one chunk's dg [C, bk] and return dg at its first token ([bk]).
 
     dbq_ref, k_dk: the chunk's q dq (the dq kernel's) and k dk [C, bk], whose difference is
     dL/db; after: dg at the first token after the chunk;
-    state, dh_low: the stored state leaving the group [bk, Dv] and the cotangent of the state
-    leaving this chunk, as the matmul took it; group_end: whether this chunk ends its group.
+    state, dh: the stored state leaving the group [bk, Dv] and the float32 cotangent of the
+    state leaving this chunk; group_end: whether this chunk ends its group.
     At a group's end dg restarts from the pairs crossing it, <S[i, :], dS[i, :]>; then
-    dg_t = after + sum_{t <= s <= chunk end} x_s. dS enters rounded as the dk matmul took it,
-    so that its rounding error in the anchor cancels against the one in this chunk's k dk (a
-    CPU comparison gave a bf16 decay-gradient error of 5.7e-3 this way, 6.2e-3 with dS
-    unrounded; NOTES_kernels.md v14). The anchor is formed at every chunk and selected: a
-    lax.cond around it made the forward+backward 0.02 ms slower on an H100."""
-    at_end = jnp.sum(state.astype(_f32) * dh_low.astype(_f32), axis=1)
+    dg_t = after + sum_{t <= s <= chunk end} x_s. The anchor is formed at every chunk and
+    selected: a lax.cond around it made the forward+backward 0.02 ms slower on an H100. dS
+    enters in float32: taking it rounded to bf16, as the dk matmul takes it, cancels part of
+    its rounding error against this chunk's k dk (a CPU comparison gave a bf16 decay-gradient
+    error of 5.7e-3 that way, 6.2e-3 with dS in float32), but made the dk kernel 0.29 ms
+    slower on an H100 (NOTES_kernels.md v15)."""
+    at_end = jnp.sum(state.astype(_f32) * dh, axis=1)
     after = jnp.where(group_end, at_end, after)
     x = dbq_ref[sl, :] - k_dk  # loaded after the anchor: in the other order the compiled
     total = jnp.sum(x, axis=0)  # kernel spilled 164 bytes, not 128 (kernel_resources.py)
@@ -317,8 +318,7 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
         dpl = _masked_dp(do, v, c, scale, qe.dtype)
         dke = mm(dpl, qe, ta=True)
-        dh_low = lowp(dh, v.dtype, "state", split)  # as the matmul takes it
-        dkd = mmx(v, dh_low, tb=True)
+        dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
         ad = ad_ref[ci, :]
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
         dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
@@ -333,7 +333,7 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
                 db_ref[sl, :] = k_dk
             else:
                 after = _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after,
-                                                states_ref[ci // anchor], dh_low,
+                                                states_ref[ci // anchor], dh,
                                                 lax.rem(ci + 1, anchor) == 0)
         dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
         return dh_in, after
