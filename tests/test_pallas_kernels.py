@@ -47,7 +47,7 @@ def _inputs(B, T, H, Dk, Dv, form, resets=False):
         g[:, T // 4] = -np.inf
         g[:, T // 2] = -1e30
         g[:, T // 2 + 1] = -np.inf
-        if g.ndim == 4:  # a reset of a single key dimension
+        if form == "per_dim":  # a reset of a single key dimension: the exact kernels
             g[:, 3 * T // 4, :, 1] = -np.inf
     s0 = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
     return q, k, v, g, s0
@@ -79,6 +79,8 @@ CASES = [
     ("per_dim-resets", (1, 64, 2, 18, 16), "per_dim", True, 16),
     # chunks of 64: the matmul fast path, and sub-chunks of 16 where a chunk has a reset
     ("per_dim-c64-mixed", (1, 150, 2, 40, 24), "per_dim", True, 64),
+    # packed documents (whole tokens reset) on the prescaled kernels, segments of one chunk
+    ("gla-docs", (1, 100, 2, 24, 20), "gla", True, 16),
 ]
 
 
@@ -110,13 +112,16 @@ def test_crossing_decay_gradient_matches_recurrence(case, crossing_dg):
     _check_case(case)
 
 
-@pytest.mark.parametrize("form", ["scalar", "strong", "gla"])
+@pytest.mark.parametrize("form", ["scalar", "strong", "gla", "gla-docs"])
 def test_anchored_decay_gradient_over_groups(form):
     """The anchored decay gradient (the default for a learned scalar decay and on the
     prescaled per-dimension kernels) over two segments of several groups of chunks: for a
     scalar decay segments of six chunks, so a group of four and a shorter one, with resets in
     the "scalar" case; for GLA eight chunks, two groups of four, summed by the dk kernel from
-    each group's end. Every output and gradient matches the oracle."""
+    each group's end, in "gla-docs" with packed documents (whole tokens reset, one at a
+    chunk's first token, two in a row). Every output and gradient matches the oracle."""
+    resets = form in ("scalar", "gla-docs")
+    form = "gla" if form == "gla-docs" else form
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=2))
     B, H, Dk, Dv, C = 1, 1, 24, 20, 16
     T = 256 if form == "gla" else 180
@@ -129,7 +134,7 @@ def test_anchored_decay_gradient_over_groups(form):
     else:
         assert pallas_forward.SCALAR in pallas_forward.ANCHORED_DG_MODES
         assert (plan.segments, n_c, pallas_backward.anchor_chunks(n_c)) == (2, 6, 4)
-    _check_case(("anchored", (B, T, H, Dk, Dv), form, form == "scalar", C), config)
+    _check_case(("anchored", (B, T, H, Dk, Dv), form, resets, C), config)
     jax.clear_caches()
 
 
@@ -172,6 +177,19 @@ def test_anchored_bf16_products(form, direct, monkeypatch):
         assert _rel(a, b) < 1e-2, (name, _rel(a, b))
 
 
+def _assert_prescaled(q, k, g, chunk: int):
+    """The per-dimension decay g takes the prescaled kernels (checked on its whole chunks, Dk
+    padded as pallas pads it)."""
+    n = g.shape[1] // chunk * chunk
+    B, _, H, Dk = q.shape
+    plan = pallas._plan(B, n, H, Dk, Dk, "per_dim", chunk, pallas.DEFAULT_CONFIG)
+    head = pallas._pad_operands(*(jnp.asarray(x[:, :n]) for x in (q, k, q, g)),
+                                jnp.zeros((B, H, Dk, Dk)), plan)
+    qp, kp, _, gp, _ = head
+    assert bool(pallas_prescaled.all_chunks_safe(pallas_prescaled.prescale(qp, kp, gp,
+                                                                           chunk)[2]))
+
+
 def _check_case(case, config=pallas.DEFAULT_CONFIG):
     name, (B, T, H, Dk, Dv), form, resets, chunk = case
     q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets)
@@ -183,6 +201,8 @@ def _check_case(case, config=pallas.DEFAULT_CONFIG):
         return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=scale, chunk_size=chunk,
                                              initial_state=s_, config=config)
 
+    if form == "gla":
+        _assert_prescaled(q, k, g, chunk)
     (o, st), vjp = jax.vjp(f, q, k, v, g, s0)
     got = [o, st, *vjp((do, dst))]
     want = _reference_vjp(q, k, v, g, s0, scale, do, dst)
@@ -200,25 +220,37 @@ def _check_case(case, config=pallas.DEFAULT_CONFIG):
 
 
 def test_prescale_matches_numpy_and_flags_unsafe_chunks():
-    """The per-dimension decay's prescaled operands against numpy, and the flag that chooses
-    them: set for GLA-like decays, cleared by one reset, or by one chunk whose total log decay
-    is below SAFE_LOG_DECAY in a single dimension."""
+    """The per-dimension decay's prescaled operands against numpy, with and without a token
+    that resets the state (packed documents), and the flag that chooses them: set for
+    GLA-like decays and whole-token resets, cleared by a token that resets some dimensions
+    only, or by one chunk whose total log decay is below SAFE_LOG_DECAY in a single
+    dimension."""
     B, T, H, D, C = 1, 64, 2, 16, 16
     q, k, _, g, _ = _inputs(B, T, H, D, D, "per_dim")
-    qe, ke, ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(g), C)
-    b = np.cumsum(g.reshape(B, T // C, C, H, D).astype(np.float64), axis=2)
-    total = b[:, :, -1:]
-    for got, want in ((qe, q.reshape(b.shape) * np.exp(b)), (ke, k.reshape(b.shape) * np.exp(-b)),
-                      (ad, np.moveaxis(np.exp(total[:, :, 0]), 2, 1))):
-        assert _rel(got, want.reshape(got.shape)) < 1e-5
-    # the kernels' keys decayed to their chunk's end, kd = ke * ad, chunk by chunk
-    kd_want = k.reshape(b.shape) * np.exp(total - b)
-    for n in range(T // C):
-        for h in range(H):
-            kd = pallas_prescaled.decayed_keys(ke[0, n * C:(n + 1) * C, h], ad[0, h, n])
-            assert _rel(kd, kd_want[0, n, :, h]) < 1e-5
-    assert bool(pallas_prescaled.all_chunks_safe(ad))
-    for t, d, value in ((T // 2, slice(None), -np.inf), (5, 3, -41.0)):
+    for reset in (None, 21):
+        gr = g.copy()
+        if reset is not None:
+            gr[:, reset] = -np.inf
+        qe, ke, ad, cnt = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k),
+                                                    jnp.asarray(gr), C)
+        finite = np.where(np.isinf(gr), 0.0, gr).astype(np.float64)
+        b = np.cumsum(finite.reshape(B, T // C, C, H, D), axis=2)
+        total = b[:, :, -1:]
+        for got, want in ((qe, q.reshape(b.shape) * np.exp(b)),
+                          (ke, k.reshape(b.shape) * np.exp(-b)),
+                          (ad, np.moveaxis(np.exp(total[:, :, 0]), 2, 1))):
+            assert _rel(got, want.reshape(got.shape)) < 1e-5
+        resets = np.isinf(gr[..., 0]).reshape(B, T // C, C, H)
+        cnt_want = np.moveaxis(np.cumsum(resets, axis=2).reshape(B, T, H), 1, 2)
+        np.testing.assert_array_equal(np.asarray(cnt), cnt_want)
+        # the kernels' keys decayed to their chunk's end, kd = ke * ad, chunk by chunk
+        kd_want = k.reshape(b.shape) * np.exp(total - b)
+        for n in range(T // C):
+            for h in range(H):
+                kd = pallas_prescaled.decayed_keys(ke[0, n * C:(n + 1) * C, h], ad[0, h, n])
+                assert _rel(kd, kd_want[0, n, :, h]) < 1e-5
+        assert bool(pallas_prescaled.all_chunks_safe(ad))
+    for t, d, value in ((T // 2, 3, -np.inf), (5, 3, -41.0)):
         unsafe = g.copy()
         unsafe[:, t, :, d] = value
         ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(unsafe), C)[2]
@@ -378,22 +410,24 @@ def test_full_attention():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["none", "scalar", "per_dim", "gla"])
+@pytest.mark.parametrize("form", ["none", "scalar", "per_dim", "gla", "gla-docs"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_matches_recurrence(form, dtype):
     """The Triton kernels on the GPU: bf16 below 1e-2, f32 below 1e-3, and the same bits on a
-    second run (no race). "per_dim" has resets (the exact kernels), "gla" none (prescaled)."""
+    second run (no race). "per_dim" has resets of single dimensions (the exact kernels), "gla"
+    none and "gla-docs" whole-token resets (both prescaled)."""
     _gpu_check((1, 1000 + 37, 4, 72, 128), form, dtype, pallas.DEFAULT_CONFIG)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["scalar", "gla"])
+@pytest.mark.parametrize("form", ["scalar", "gla", "gla-docs"])
 def test_gpu_anchored_groups_of_four(form):
     """The anchored decay gradient on the GPU in groups of four chunks (one segment of 16
-    chunks of 64), bf16, learned scalar and per-dimension (prescaled) decays."""
+    chunks of 64), bf16, learned scalar and per-dimension (prescaled) decays, the latter also
+    with packed documents."""
     config = pallas.Config(pallas_forward.BlockSizes(min_programs=4))
     shape = (1, 1024, 2, 128, 128)
-    plan = pallas._plan(*shape, "per_dim" if form == "gla" else "scalar", 64, config)
+    plan = pallas._plan(*shape, "per_dim" if form.startswith("gla") else "scalar", 64, config)
     n_c = plan.t_pad // plan.segments // plan.chunk
     assert (plan.segments, n_c, pallas_prescaled.anchor_group(n_c),
             pallas_backward.anchor_chunks(n_c)) == (1, 16, 4, 4)
@@ -401,8 +435,13 @@ def test_gpu_anchored_groups_of_four(form):
 
 
 def _gpu_check(shape, form, dtype, config):
+    """form: one of _inputs', with resets except "none" and "gla"; "gla-docs": "gla" with."""
     B, T, H, Dk, Dv = shape
-    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form not in ("none", "gla"))
+    resets = form not in ("none", "gla")
+    form = "gla" if form == "gla-docs" else form
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=resets)
+    if form == "gla":
+        _assert_prescaled(q, k, g, 64)
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
     dt = jnp.dtype(dtype)

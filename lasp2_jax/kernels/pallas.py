@@ -159,8 +159,11 @@ def _pad_operands(q, k, v, g, s0, plan: _Plan):
     s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
     if g is not None:
         g = _pad_axis(g, 1, plan.t_pad)
-        if g.ndim == 4:
-            g = _pad_axis(g, 3, plan.dk)
+        if g.ndim == 4 and g.shape[3] != plan.dk:
+            # The padded key dimensions repeat the last one (their q and k are 0): a token
+            # that resets every dimension still does, so packed documents keep the prescaled
+            # kernels (pallas_prescaled.all_chunks_safe).
+            g = jnp.pad(g, [(0, 0)] * 3 + [(0, plan.dk - g.shape[3])], mode="edge")
     return q, k, v, g, s0
 
 
@@ -265,9 +268,21 @@ def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
 
 # --------------------------------------------------------------------------------------------
 # A per-dimension decay: the prescaled kernels (pallas_prescaled) where every chunk allows
-# them, the exact kernels otherwise. The choice is one lax.cond per call on the decays' values.
-# Read when a call is traced; False: the exact kernels always (for comparison in benchmarks).
+# them, the exact kernels otherwise. The choice is one lax.switch per call on the decays'
+# values, among three paths: the exact kernels, the prescaled ones, and the prescaled ones with
+# the document masks of packed documents (whole tokens reset), compiled apart so that a call
+# without resets runs no mask. Read when a call is traced; False: the exact kernels always (for
+# comparison in benchmarks).
 PRESCALED_PER_DIM = True
+EXACT, PRESCALED, PRESCALED_RESETS = 0, 1, 2
+
+
+def _per_dim_path(ad, cnt, chunk: int):
+    """EXACT, PRESCALED or PRESCALED_RESETS as a traced int32, from the ad and cnt of
+    :func:`pallas_prescaled.prescale`."""
+    resets = jnp.any(cnt[:, :, chunk - 1::chunk] > 0.0)  # a chunk's count is at its end
+    return jnp.where(pallas_prescaled.all_chunks_safe(ad),
+                     jnp.where(resets, PRESCALED_RESETS, PRESCALED), EXACT).astype(jnp.int32)
 
 
 def _prescaled(plan: _Plan) -> bool:
@@ -276,22 +291,24 @@ def _prescaled(plan: _Plan) -> bool:
 
 def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_forward` for a per-dimension decay. Residuals: the unpadded inputs, the
-    prescaled operands, their safety flag, the summaries and the final state."""
+    prescaled operands, the path taken (_per_dim_path), the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     qp, kp, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
-    qe, ke, ad = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
+    qe, ke, ad, cnt = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
 
-    def prescaled(_):
-        a = pallas_prescaled.segment_decays(ad, plan.segments)
+    def prescaled(cnt):  # None: no reset in the call
+        a = pallas_prescaled.segment_decays(
+            ad if cnt is None else pallas_prescaled.state_decays(ad, cnt, plan.chunk),
+            plan.segments)
         if m_given is not None:
             m = m_given
         elif plan.segments > 1:
-            m = pallas_prescaled.segment_summaries(ke, vp, ad, segments=plan.segments,
+            m = pallas_prescaled.segment_summaries(ke, vp, ad, cnt, segments=plan.segments,
                                                    chunk=plan.chunk, block_sizes=plan.fwd,
                                                    reverse=False)
         else:
             m = jnp.zeros((*a.shape[:3], plan.dk, plan.dv), _f32)
-        o, final = pallas_prescaled.forward_outputs(qe, ke, vp, ad, s0p, m, a,
+        o, final = pallas_prescaled.forward_outputs(qe, ke, vp, ad, cnt, s0p, m, a,
                                                     chunk=plan.chunk, scale=scale,
                                                     block_sizes=plan.fwd, out_dtype=q.dtype)
         if plan.segments > 1:
@@ -302,30 +319,32 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
         o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
         return o, final, res[8]
 
-    safe = pallas_prescaled.all_chunks_safe(ad)
-    o, final, m = jax.lax.cond(safe, prescaled, exact, None)
-    return o, final, (q, k, v, g, s0, qe, ke, ad, safe, m, final)
+    path = _per_dim_path(ad, cnt, plan.chunk)
+    o, final, m = jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+    return o, final, (q, k, v, g, s0, qe, ke, ad, cnt, path, m, final)
 
 
 def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_backward` for a per-dimension decay, on the path its forward took."""
-    q, k, v, g, s0, qe, ke, ad, safe, m, final = res
+    q, k, v, g, s0, qe, ke, ad, cnt, path, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     final = _pad_axis(_pad_axis(final, 2, plan.dk), 3, plan.dv)
 
-    def prescaled(_):
+    def prescaled(cnt):  # None: no reset in the call
         _, _, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
         dop = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
         dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
-        a = pallas_prescaled.segment_decays(ad, plan.segments)
+        a = pallas_prescaled.segment_decays(
+            ad if cnt is None else pallas_prescaled.state_decays(ad, cnt, plan.chunk),
+            plan.segments)
         if plan.segments > 1:
-            dm = pallas_prescaled.segment_summaries(qe, dop, ad, segments=plan.segments,
+            dm = pallas_prescaled.segment_summaries(qe, dop, ad, cnt, segments=plan.segments,
                                                     chunk=plan.chunk, block_sizes=plan.fwd,
                                                     reverse=True, scale=scale)
         else:
             dm = jnp.zeros_like(m)
         dq, dk, dv, dg, ds0 = pallas_prescaled.backward(
-            qe, ke, vp, dop, gp, ad, s0p, m, final, dstp, dm, a, chunk=plan.chunk,
+            qe, ke, vp, dop, gp, ad, cnt, s0p, m, final, dstp, dm, a, chunk=plan.chunk,
             scale=scale, block_sizes=plan.bwd, decay_grad=decay_grad)
         if dg is not None:
             dg = dg[:, :T, :, :Dk]
@@ -337,7 +356,7 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
         return _backward((qp, kp, vp, bf, cnt, fast, a, s0p, m, final), do, dst, scale, plan,
                          decay_grad)
 
-    return jax.lax.cond(safe, prescaled, exact, None)
+    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
 
 
 def _chunk_attention_bwd(scale, plan, residuals, cts):

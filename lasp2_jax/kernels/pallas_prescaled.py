@@ -42,6 +42,7 @@ default, v13): within a group the two sides need not round alike.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,14 @@ from lasp2_jax.kernels.pallas_forward import (
     SAFE_LOG_DECAY,
     absent_refs,
     causal_mask,
+    chunk_end,
     lowp,
     mm,
     mmx,
     segment_entry_state,
     summary_specs,
 )
+from lasp2_jax.kernels.pallas_scans import RESET_LOG_DECAY
 
 _f32 = jnp.float32
 # The carried states of the backward enter their matmuls in two bf16 parts when the decay
@@ -98,19 +101,37 @@ def _params(block_sizes):
 # The operands: one program per (batch, chunk, head), all in parallel.
 
 
-def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref):
+def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref, cnt_ref):
     g = g_ref[...]  # [C, Dk]
-    b = jnp.cumsum(g, axis=0)
+    reset = g < RESET_LOG_DECAY
+    gf = jnp.where(reset, 0.0, g)
+    b = jnp.cumsum(gf, axis=0)
     q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
     qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
     ke_ref[...] = (k * jnp.exp(-b)).astype(ke_ref.dtype)
-    ad_ref[...] = jnp.exp(jnp.sum(g, axis=0))  # exp(b_C)
+    row = jnp.max(reset.astype(_f32), axis=1)  # [C]: 1 where the token resets
+    # A token that resets some dimensions but not all has no [C, C] document mask: ad = 0
+    # sends the whole call to the exact kernels (all_chunks_safe).
+    mixed = jnp.sum(row - jnp.min(reset.astype(_f32), axis=1)) > 0.0
+    ad_ref[...] = jnp.where(mixed, 0.0, jnp.exp(jnp.sum(gf, axis=0)))
+    cnt_ref[...] = jnp.cumsum(row)
+
+
+def chunk_decays(g, inverse: bool, resets: bool):
+    """exp(b) [C, Dk], or exp(-b) if inverse: b the chunk-local inclusive cumulative sum of the
+    log decays g [C, Dk], with the resets (pallas_scans.RESET_LOG_DECAY) left out where the
+    call has any, as :func:`prescale` takes it."""
+    if resets:
+        g = jnp.where(g < RESET_LOG_DECAY, 0.0, g)
+    b = jnp.cumsum(g, axis=0)
+    return jnp.exp(-b if inverse else b)
 
 
 def prescale(q, k, g, chunk: int):
-    """qe, ke [B, T, H, Dk] in q's dtype and ad [B, H, T // chunk, Dk] float32 (module
-    docstring), from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk] float32, T a multiple
-    of chunk. Where a chunk is not safe (:func:`all_chunks_safe`) the values are meaningless."""
+    """qe, ke [B, T, H, Dk] in q's dtype, ad [B, H, T // chunk, Dk] float32 and cnt [B, H, T]
+    float32 (module docstring), from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk]
+    float32, T a multiple of chunk. Where a chunk is not safe (:func:`all_chunks_safe`) the
+    values are meaningless."""
     B, T, H, dk = q.shape
     n = T // chunk
     spec = pl.BlockSpec((None, chunk, None, dk), lambda b, i, h: (b, i, h, 0))
@@ -119,9 +140,10 @@ def prescale(q, k, g, chunk: int):
         grid=(B, n, H),
         in_specs=[spec, spec, spec],
         out_specs=[spec, spec,
-                   pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0))],
+                   pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0)),
+                   pl.BlockSpec((None, None, chunk), lambda b, i, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2
-        + [jax.ShapeDtypeStruct((B, H, n, dk), _f32)],
+        + [jax.ShapeDtypeStruct((B, H, n, dk), _f32), jax.ShapeDtypeStruct((B, H, T), _f32)],
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=compat.pallas_interpret(),
         name="lasp2_prescale",
@@ -129,10 +151,59 @@ def prescale(q, k, g, chunk: int):
 
 
 def all_chunks_safe(ad):
-    """True where every chunk's total log decay is above SAFE_LOG_DECAY in every dimension:
-    then exp(-b) <= exp(-SAFE_LOG_DECAY) in every chunk and no token resets the state.
-    ad: [B, H, N, Dk] = exp(b_C), 0 across a reset."""
+    """True where every chunk's total log decay (resets left out) is above SAFE_LOG_DECAY in
+    every dimension, so that exp(-b) <= exp(-SAFE_LOG_DECAY), and every reset resets a whole
+    token. ad: [B, H, N, Dk] from :func:`prescale`, 0 where a token resets some dimensions
+    only."""
     return jnp.all(ad > jnp.exp(jnp.float32(SAFE_LOG_DECAY)))
+
+
+def state_decays(ad, cnt, chunk: int):
+    """[B, H, N, Dk]: each chunk's decay of the state it carries, ad where the chunk has no
+    reset and 0 where it has one; from ad [B, H, N, Dk] and cnt [B, H, T] (:func:`prescale`)."""
+    return jnp.where(cnt[:, :, chunk - 1::chunk, None] > 0.0, 0.0, ad)
+
+
+class ChunkResets(NamedTuple):
+    """One chunk's document masks, from the reset counts cnt (:func:`prescale`); without
+    resets in the call (no cnt) the masks are left out and the methods change nothing.
+
+    same [C, C]: the causal pairs within one document; q_keep [C, 1]: the tokens before the
+    chunk's first reset, the only ones the entering state reaches; k_keep [C, 1]: those after
+    its last reset, the only ones that reach the leaving state; carry [1]: whether the chunk
+    has no reset, so that the entering state reaches its end.
+    """
+
+    same: jax.Array
+    q_keep: jax.Array | None = None
+    k_keep: jax.Array | None = None
+    carry: jax.Array | None = None
+
+    @classmethod
+    def load(cls, cnt_ref, sl, c: int):
+        if cnt_ref is None:
+            return cls(causal_mask(c))
+        cnt = cnt_ref[sl]
+        last = cnt_ref[chunk_end(sl)]
+        return cls(causal_mask(c) & (cnt[:, None] == cnt[None, :]), (cnt == 0.0)[:, None],
+                   (cnt == last)[:, None], last == 0.0)
+
+    def state_decay(self, ad):
+        """[bk, 1]: the chunk's decay of the carried state's rows, from ad [bk]."""
+        return (ad if self.carry is None else jnp.where(self.carry, ad, 0.0))[:, None]
+
+    def before_first(self, x):
+        """x [C, *] with the rows after the chunk's first reset zeroed."""
+        return x if self.q_keep is None else jnp.where(self.q_keep, x, 0.0)
+
+    def after_last(self, x):
+        """x [C, *] with the rows before the chunk's last reset zeroed."""
+        return x if self.k_keep is None else jnp.where(self.k_keep, x, 0.0)
+
+    def last_keys(self, ke, ad):
+        """kd [C, block]: the keys after the chunk's last reset decayed to its end
+        (:func:`decayed_keys`), the others 0."""
+        return self.after_last(decayed_keys(ke, ad))
 
 
 def decayed_keys(ke, ad):
@@ -152,8 +223,8 @@ def segment_decays(ad, segments: int):
 # Forward: the segment summaries, then the outputs from each segment's incoming state.
 
 
-def _summary_kernel(x_ref, y_ref, ad_ref, m_ref, *, c: int, n_chunks: int, reverse: bool,
-                    scale: float):
+def _summary_kernel(x_ref, y_ref, ad_ref, cnt_ref, m_ref, *, c: int, n_chunks: int,
+                    reverse: bool, scale: float):
     """Forward (x = ke, y = v, chunks in order): M = sum over the segment of its chunks'
     kd^T v, each decayed by the chunks after it. Backward (x = qe, y = dO, in reverse): what the
     segment's outputs send to the state entering it, scale * sum of qe^T dO decayed by the
@@ -162,35 +233,53 @@ def _summary_kernel(x_ref, y_ref, ad_ref, m_ref, *, c: int, n_chunks: int, rever
     def body(i, acc):
         ci = n_chunks - 1 - i if reverse else i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
-        ad = ad_ref[ci, :]
-        x = x_ref[sl, :] if reverse else decayed_keys(x_ref[sl, :], ad)
-        return ad[:, None] * acc + scale * mm(x, y_ref[sl, :], ta=True)
+        ad, resets = ad_ref[ci, :], ChunkResets.load(cnt_ref, sl, c)
+        x = (resets.before_first(x_ref[sl, :]) if reverse
+             else resets.last_keys(x_ref[sl, :], ad))
+        return resets.state_decay(ad) * acc + scale * mm(x, y_ref[sl, :], ta=True)
 
     m_ref[...] = lax.fori_loop(0, n_chunks, body, jnp.zeros(m_ref.shape, _f32))
 
 
-def segment_summaries(x, y, ad, *, segments: int, chunk: int, block_sizes, reverse: bool,
+def segment_summaries(x, y, ad, cnt, *, segments: int, chunk: int, block_sizes, reverse: bool,
                       scale: float = 1.0):
     """[B, H, S, Dk, Dv] float32 (see :func:`_summary_kernel`); x [B, T, H, Dk] (ke or qe),
-    y [B, T, H, Dv] (v or dO), ad [B, H, T // chunk, Dk]."""
+    y [B, T, H, Dv] (v or dO), ad [B, H, T // chunk, Dk] and cnt [B, H, T] (:func:`prescale`;
+    None where the call has no reset)."""
     B, T, H, dk = x.shape
     dv = y.shape[-1]
     L = T // segments
     K = L // chunk
     bv = min(block_sizes.block_v, dv)
+    counts, count_specs = _counts(cnt, H, L)
     return pl.pallas_call(
-        functools.partial(_summary_kernel, c=chunk, n_chunks=K, reverse=reverse, scale=scale),
+        absent_refs(functools.partial(_summary_kernel, c=chunk, n_chunks=K, reverse=reverse,
+                                      scale=scale), 1 - len(counts), position=3),
         grid=(B * H, segments, dv // bv),
         in_specs=[pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0)),
                   pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j)),
-                  _chunk_decay_spec(H, K, dk, row_block=False)],
+                  _chunk_decay_spec(H, K, dk, row_block=False), *count_specs],
         out_specs=pl.BlockSpec((None, None, None, dk, bv),
                                lambda bh, s, j: (bh // H, bh % H, s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((B, H, segments, dk, dv), _f32),
         compiler_params=_params(block_sizes),
         interpret=compat.pallas_interpret(),
-        name="lasp2_prescaled_summary_bwd" if reverse else "lasp2_prescaled_summary",
-    )(x, y, ad)
+        name=("lasp2_prescaled_summary_bwd" if reverse else "lasp2_prescaled_summary")
+        + _docs_suffix(cnt),
+    )(x, y, ad, *counts)
+
+
+def _docs_suffix(cnt) -> str:
+    """The kernel name's suffix for the kernels with document masks (profiles tell them apart)."""
+    return "" if cnt is None else "_docs"
+
+
+def _counts(cnt, H: int, L: int):
+    """(operands, BlockSpecs) of the reset counts cnt [B, H, T] for a program of segment s,
+    its L tokens; empty for None (no reset in the call: the kernels get a None ref)."""
+    if cnt is None:
+        return [], []
+    return [cnt], [pl.BlockSpec((None, None, L), lambda bh, s, j: (bh // H, bh % H, s))]
 
 
 def _chunk_decay_spec(H: int, K: int, rows: int, row_block: bool):
@@ -201,28 +290,30 @@ def _chunk_decay_spec(H: int, K: int, rows: int, row_block: bool):
     return pl.BlockSpec((None, None, K, rows), lambda bh, s, j: (bh // H, bh % H, s, 0))
 
 
-def _output_kernel(qe_ref, ke_ref, v_ref, ad_ref, s0_ref, m_ref, a_ref, o_ref, final_ref, *,
-                   c: int, n_chunks: int, scale: float, n_seg: int):
+def _output_kernel(qe_ref, ke_ref, v_ref, ad_ref, cnt_ref, s0_ref, m_ref, a_ref, o_ref,
+                   final_ref, *, c: int, n_chunks: int, scale: float, n_seg: int):
     def body(ci, state):
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, ke, v, ad = qe_ref[sl, :], ke_ref[sl, :], v_ref[sl, :], ad_ref[ci, :]
-        a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
-        o = mm(a.astype(v.dtype), v) + mm(qe, state.astype(qe.dtype))
+        resets = ChunkResets.load(cnt_ref, sl, c)
+        a = jnp.where(resets.same, mm(qe, ke, tb=True), 0.0)
+        o = mm(a.astype(v.dtype), v) + resets.before_first(mm(qe, state.astype(qe.dtype)))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
+        return resets.state_decay(ad) * state + mm(resets.last_keys(ke, ad), v, ta=True)
 
     state = lax.fori_loop(0, n_chunks, body, segment_entry_state(s0_ref, m_ref, a_ref))
     if n_seg == 1:  # with several segments the caller folds the summaries instead
         final_ref[...] = state
 
 
-def forward_outputs(qe, ke, v, ad, s0, m, a, *, chunk: int, scale: float, block_sizes,
+def forward_outputs(qe, ke, v, ad, cnt, s0, m, a, *, chunk: int, scale: float, block_sizes,
                     out_dtype):
     """Outputs [B, T, H, Dv] and, with one segment, the final state [B, H, Dk, Dv] float32
     (with several, that output is not written: fold the summaries).
 
-    s0 [B, H, Dk, Dv]; m [B, H, S, Dk, Dv] the segment summaries; a [B, H, S, Dk] the segment
-    decays (:func:`segment_decays`)."""
+    ad, cnt: :func:`prescale` (cnt None where the call has no reset); s0 [B, H, Dk, Dv];
+    m [B, H, S, Dk, Dv] the segment summaries; a [B, H, S, Dk] the segment decays
+    (:func:`segment_decays` of :func:`state_decays`)."""
     B, T, H, dk = qe.shape
     dv = v.shape[-1]
     S = m.shape[2]
@@ -230,19 +321,21 @@ def forward_outputs(qe, ke, v, ad, s0, m, a, *, chunk: int, scale: float, block_
     bv = min(block_sizes.block_v, dv)
     full = pl.BlockSpec((None, L, None, dk), lambda bh, s, j: (bh // H, s, bh % H, 0))
     vcol = pl.BlockSpec((None, L, None, bv), lambda bh, s, j: (bh // H, s, bh % H, j))
+    counts, count_specs = _counts(cnt, H, L)
     return pl.pallas_call(
-        functools.partial(_output_kernel, c=chunk, n_chunks=L // chunk, scale=scale, n_seg=S),
+        absent_refs(functools.partial(_output_kernel, c=chunk, n_chunks=L // chunk, scale=scale,
+                                      n_seg=S), 1 - len(counts), position=4),
         grid=(B * H, S, dv // bv),
         in_specs=[full, full, vcol, _chunk_decay_spec(H, L // chunk, dk, False),
-                  *summary_specs(H, S, dk, bv, row_block=False)],
+                  *count_specs, *summary_specs(H, S, dk, bv, row_block=False)],
         out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
                                       lambda bh, s, j: (bh // H, bh % H, 0, j))],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), out_dtype),
                    jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
         compiler_params=_params(block_sizes),
         interpret=compat.pallas_interpret(),
-        name="lasp2_prescaled_fwd",
-    )(qe, ke, v, ad, s0, m, a)
+        name="lasp2_prescaled_fwd" + _docs_suffix(cnt),
+    )(qe, ke, v, ad, *counts, s0, m, a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,26 +343,30 @@ def forward_outputs(qe, ke, v, ad, s0, m, a, *, chunk: int, scale: float, block_
 # rows or columns of the cotangent of the leaving state).
 
 
-def _masked_dp(do, v, c: int, scale: float, dtype):
-    """scale * dO v^T with the causal mask, as a matmul operand of ``dtype`` [C, C]."""
-    return jnp.where(causal_mask(c), scale * mm(do, v, tb=True), 0.0).astype(dtype)
+def _masked_dp(do, v, same, scale: float, dtype):
+    """scale * dO v^T on the pairs ``same`` (ChunkResets), as a matmul operand of ``dtype``
+    [C, C]."""
+    return jnp.where(same, scale * mm(do, v, tb=True), 0.0).astype(dtype)
 
 
-def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, s0_ref, m_ref, a_ref, dq_ref,
-               db_ref, states_ref, *, c: int, n_chunks: int, scale: float, split: frozenset,
-               anchor: int):
+def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, cnt_ref, s0_ref, m_ref, a_ref,
+               dq_ref, db_ref, states_ref, *, c: int, n_chunks: int, scale: float,
+               split: frozenset, anchor: int):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
-        dpl = _masked_dp(do, v, c, scale, ke.dtype)
-        dqe = mm(dpl, ke) + scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
-        dq_ref[sl, :] = (dqe * jnp.exp(jnp.cumsum(g_ref[sl, :], axis=0))).astype(dq_ref.dtype)
+        resets = ChunkResets.load(cnt_ref, sl, c)
+        dpl = _masked_dp(do, v, resets.same, scale, ke.dtype)
+        inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
+        dqe = mm(dpl, ke) + resets.before_first(inter)
+        dq_ref[sl, :] = (dqe * chunk_decays(g_ref[sl, :], False, cnt_ref is not None)).astype(
+            dq_ref.dtype)
         if db_ref is not None:
             # q dq = qe dqe. Its diagonal pair cancels against k dk's at the same token, in
             # float32 and at a size bounded by q . k (on this path no decay is strong enough to
             # make it dominate, as it can on the exact kernels, which leave it out)
             db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * dqe
-        leaving = ad[:, None] * state + mm(decayed_keys(ke, ad), v, ta=True)
+        leaving = resets.state_decay(ad) * state + mm(resets.last_keys(ke, ad), v, ta=True)
         if states_ref is not None:  # anchored: the state leaving each group, for dk
 
             @pl.when(lax.rem(ci + 1, anchor) == 0)
@@ -303,8 +400,8 @@ def _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after, state, dh, group_e
     return after + total
 
 
-def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_ref, states_ref,
-               dbq_ref, dk_ref, db_ref, *, c: int, n_chunks: int, scale: float,
+def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, cnt_ref, dst_ref, dm_ref, a_ref,
+               states_ref, dbq_ref, dk_ref, db_ref, *, c: int, n_chunks: int, scale: float,
                split: frozenset, anchor: int):
     """dk and, for the decay gradient, k dk (db_ref) or, anchored (states_ref given), the
     finished dg there, from the dq kernel's q dq (dbq_ref) and the states it stored."""
@@ -316,43 +413,47 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, dst_ref, dm_ref, a_
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
-        dpl = _masked_dp(do, v, c, scale, qe.dtype)
+        resets = ChunkResets.load(cnt_ref, sl, c)
+        dpl = _masked_dp(do, v, resets.same, scale, qe.dtype)
         dke = mm(dpl, qe, ta=True)
-        dkd = mmx(v, lowp(dh, v.dtype, "state", split), tb=True)
+        dkd = resets.after_last(mmx(v, lowp(dh, v.dtype, "state", split), tb=True))
         ad = ad_ref[ci, :]
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
-        dk = dke_total * jnp.exp(-jnp.cumsum(g_ref[sl, :], axis=0))
+        dk = dke_total * chunk_decays(g_ref[sl, :], True, cnt_ref is not None)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if db_ref is not None:
             ke = ke_ref[sl, :]
             if states_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:  # anchored
                 k_dk = ke.astype(_f32) * dke_total  # kd = ke exp(b_C)
             else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
-                k_dk = ke.astype(_f32) * dke + decayed_keys(ke, ad).astype(_f32) * dkd
+                k_dk = ke.astype(_f32) * dke + resets.last_keys(ke, ad).astype(_f32) * dkd
             if states_ref is None:  # summed from the end by pallas_scans.reverse_decay_sums
                 db_ref[sl, :] = k_dk
             else:
                 after = _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after,
                                                 states_ref[ci // anchor], dh,
                                                 lax.rem(ci + 1, anchor) == 0)
-        dh_in = ad[:, None] * dh + scale * mm(qe, do, ta=True)  # cotangent of the entering state
+        # the cotangent of the entering state
+        dh_in = resets.state_decay(ad) * dh + scale * mm(resets.before_first(qe), do, ta=True)
         return dh_in, after
 
     entering = segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True)
     lax.fori_loop(0, n_chunks, body, (entering, jnp.zeros(entering.shape[:1], _f32)))
 
 
-def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, ds0_ref, *,
-               c: int, n_chunks: int, scale: float):
+def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, cnt_ref, dst_ref, dm_ref, a_ref, dv_ref,
+               ds0_ref, *, c: int, n_chunks: int, scale: float):
     def body(i, dh):  # dh: columns [bv] of the cotangent of the state leaving chunk ci
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, ke, do, ad = qe_ref[sl, :], ke_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
-        a = jnp.where(causal_mask(c), mm(qe, ke, tb=True), 0.0)
+        resets = ChunkResets.load(cnt_ref, sl, c)
+        a = jnp.where(resets.same, mm(qe, ke, tb=True), 0.0)
         dv = (scale * mm(a.astype(do.dtype), do, ta=True)
-              + mm(decayed_keys(ke, ad), dh.astype(ke.dtype)))
+              + mm(resets.last_keys(ke, ad), dh.astype(ke.dtype)))
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        return ad[:, None] * dh + scale * mm(qe, do, ta=True)
+        return (resets.state_decay(ad) * dh
+                + scale * mm(resets.before_first(qe), do, ta=True))
 
     dh = lax.fori_loop(0, n_chunks, body,
                        segment_entry_state(dst_ref, dm_ref, a_ref, reverse=True))
@@ -362,12 +463,13 @@ def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, dst_ref, dm_ref, a_ref, dv_ref, d
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scale: float,
-             block_sizes, decay_grad: bool):
+def backward(qe, ke, v, do, g, ad, cnt, s0, m, final, dst, dm, a, *, chunk: int,
+             scale: float, block_sizes, decay_grad: bool):
     """dq, dk, dv [B, T, H, *] (input dtype), the log-decay gradient dg [B, T, H, Dk] float32
     (None without decay_grad) and the initial-state cotangent [B, H, Dk, Dv] float32.
 
-    qe, ke, ad: :func:`prescale`; g [B, T, H, Dk] the log decays; s0, m, final the initial
+    qe, ke, ad, cnt: :func:`prescale` (cnt None where the call has no reset); g [B, T, H, Dk]
+    the log decays; s0, m, final the initial
     state, forward summaries and final state [B, H, Dk, Dv]; dst, dm the final-state cotangent
     and backward summaries; a the segment decays. block_sizes: pallas_backward.BlockSizes.
     """
@@ -391,8 +493,10 @@ def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scal
                             else (lambda bh, s, j: (bh // H, s, bh % H, 0)))
 
     kblock = seq(bk, True)
+    counts, count_specs = _counts(cnt, H, L)
     row_specs = [kblock, kblock, seq(dv, False), seq(dv, False), kblock,
-                 _chunk_decay_spec(H, K, bk, True), *summary_specs(H, S, bk, dv, True)]
+                 _chunk_decay_spec(H, K, bk, True), *count_specs,
+                 *summary_specs(H, S, bk, dv, True)]
     grad = jax.ShapeDtypeStruct((B, T, H, dk), qe.dtype)
     db = jax.ShapeDtypeStruct((B, T, H, dk), _f32)
     outs, out_specs = ([grad, db], [kblock] * 2) if decay_grad else ([grad], [kblock])
@@ -406,43 +510,46 @@ def backward(qe, ke, v, do, g, ad, s0, m, final, dst, dm, a, *, chunk: int, scal
         """The dq or dk kernel over Dk blocks, from the state (or cotangent) it folds. The
         kernel takes n_inputs input refs and n_outputs output refs (dq: dq, q dq, the states;
         dk: dk, k dk or dg); those that this call does not pass (the decay gradient's, the
-        anchored form's) are None."""
-        n_in = len(row_specs) + len(extra_in)
-        kernel_refs = absent_refs(
+        anchored form's) are None, as is the counts ref (the seventh) without resets."""
+        n_in = len(row_specs) + 1 - len(counts) + len(extra_in)  # with the counts ref
+        kernel_refs = absent_refs(absent_refs(
             absent_refs(functools.partial(kernel, **common),
                         n_outputs - len(out_specs) - len(extra_out)),
-            n_inputs - n_in, position=n_in)
+            n_inputs - n_in, position=n_in), 1 - len(counts), position=6)
         return pl.pallas_call(
             kernel_refs, grid=(B * H, S, dk // bk),
             in_specs=row_specs + [spec for spec, _ in extra_in],
             out_specs=out_specs + [spec for spec, _ in extra_out],
             out_shape=outs + [shape for _, shape in extra_out],
-            compiler_params=_params(block_sizes), interpret=interpret, name=name,
-        )(qe, ke, v, do, g, ad, state, summaries, a, *[x for _, x in extra_in])
+            compiler_params=_params(block_sizes), interpret=interpret,
+            name=name + _docs_suffix(cnt),
+        )(qe, ke, v, do, g, ad, *counts, state, summaries, a, *[x for _, x in extra_in])
 
-    dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 9, 3,
+    dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 10, 3,
                     extra_out=[(states_spec, states)] * anchored)
     dg = None
     if anchored:
         dbq, states = dbq
-        dk_, dg = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2,
+        dk_, dg = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 12, 2,
                        extra_in=[(states_spec, states), (kblock, dbq)])
     elif decay_grad:  # the difference form summed from the end, as pallas.py's scalar decays
-        dk_, dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2)
+        dk_, dbk = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 12, 2)
         dg = pallas_scans.reverse_decay_sums(dbq[0], dbk, jnp.sum(final * dst, axis=-1), chunk)
     else:
-        (dk_,) = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 11, 2)
+        (dk_,) = call(_dk_kernel, "lasp2_prescaled_bwd_dk", dst, dm, 12, 2)
     vcol = seq(bv, True)
     dv_, ds0 = pl.pallas_call(
-        functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
+        absent_refs(functools.partial(_dv_kernel, c=chunk, n_chunks=K, scale=scale),
+                    1 - len(counts), position=4),
         grid=(B * H, S, dv // bv),
         in_specs=[seq(dk, False), seq(dk, False), vcol,
-                  _chunk_decay_spec(H, K, dk, False), *summary_specs(H, S, dk, bv, False)],
+                  _chunk_decay_spec(H, K, dk, False), *count_specs,
+                  *summary_specs(H, S, dk, bv, False)],
         out_specs=[vcol, pl.BlockSpec((None, None, dk, bv),
                                       lambda bh, s, j: (bh // H, bh % H, 0, j))],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, dv), v.dtype),
                    jax.ShapeDtypeStruct((B, H, dk, dv), _f32)],
         compiler_params=_params(block_sizes), interpret=interpret,
-        name="lasp2_prescaled_bwd_dv",
-    )(qe, ke, do, ad, dst, dm, a)
+        name="lasp2_prescaled_bwd_dv" + _docs_suffix(cnt),
+    )(qe, ke, do, ad, *counts, dst, dm, a)
     return dq, dk_, dv_, dg, ds0
