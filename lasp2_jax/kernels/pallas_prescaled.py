@@ -17,8 +17,17 @@ forward from 0.90 to 0.55 ms and its forward+backward from 2.95 to 1.67 ms, and 
 the loops to 0.42 / 1.56 ms (benchmarks/NOTES_kernels.md, v8 and v9).
 
 The form is exact only where exp(-b) stays finite: every chunk's total log decay must be above
-pallas_forward.SAFE_LOG_DECAY in every dimension (so no reset either). pallas.py checks that
+pallas_forward.SAFE_LOG_DECAY in every dimension. pallas.py checks that
 (:func:`all_chunks_safe`) and takes the exact kernels otherwise.
+
+Packed documents: a token whose log decay is a reset (below pallas_scans.RESET_LOG_DECAY) in
+every key dimension starts a new document. b then sums the other tokens' log decays only, and
+cnt, the number of resets in the chunk up to each token, gives the chunk's masks
+(:class:`ChunkResets`): scores between tokens of one document (equal counts), the entering
+state's terms for the tokens before the first reset, the keys after the last reset in kd, and
+no decay of the carried state (0) across a chunk with a reset. A call in which no chunk has a
+reset runs kernels compiled without the masks (cnt None). A token that resets only some
+dimensions has no such mask: ad is 0 in its chunk, which sends the call to the exact kernels.
 
 Backward, with dqe, dke, dkd the cotangents of the prescaled operands:
 
