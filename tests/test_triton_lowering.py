@@ -31,11 +31,12 @@ _GRADIENT_KERNELS = {"lasp2_chunk_attention_fwd", "lasp2_chunk_attention_bwd_dq"
 KERNELS = {
     "none": _GRADIENT_KERNELS,
     "scalar": _GRADIENT_KERNELS | {"lasp2_decay_tables"},
-    # both branches of the per-dimension choice: the prescaled kernels and the exact ones
-    "per_dim": _GRADIENT_KERNELS | {
-        "lasp2_decay_tables", "lasp2_reverse_decay_sums", "lasp2_prescale",
-        "lasp2_prescaled_fwd", "lasp2_prescaled_summary", "lasp2_prescaled_summary_bwd",
-        "lasp2_prescaled_bwd_dq", "lasp2_prescaled_bwd_dk", "lasp2_prescaled_bwd_dv"},
+    # the three branches of the per-dimension choice: the prescaled kernels without and with
+    # document masks (suffix _docs), and the exact ones
+    "per_dim": _GRADIENT_KERNELS | {"lasp2_decay_tables", "lasp2_reverse_decay_sums",
+                                    "lasp2_prescale"} | {
+        f"lasp2_prescaled_{name}{docs}" for docs in ("", "_docs")
+        for name in ("fwd", "summary", "summary_bwd", "bwd_dq", "bwd_dk", "bwd_dv")},
 }
 
 

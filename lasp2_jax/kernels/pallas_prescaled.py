@@ -118,12 +118,12 @@ def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref, cnt_ref):
     q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
     qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
     ke_ref[...] = (k * jnp.exp(-b)).astype(ke_ref.dtype)
-    row = jnp.max(reset.astype(_f32), axis=1)  # [C]: 1 where the token resets
+    dims = jnp.sum(reset.astype(_f32), axis=1)  # [C]: the dimensions each token resets
     # A token that resets some dimensions but not all has no [C, C] document mask: ad = 0
     # sends the whole call to the exact kernels (all_chunks_safe).
-    mixed = jnp.sum(row - jnp.min(reset.astype(_f32), axis=1)) > 0.0
+    mixed = jnp.max(jnp.where((dims > 0.0) & (dims < g.shape[1]), 1.0, 0.0)) > 0.0
     ad_ref[...] = jnp.where(mixed, 0.0, jnp.exp(jnp.sum(gf, axis=0)))
-    cnt_ref[...] = jnp.cumsum(row)
+    cnt_ref[...] = jnp.cumsum(jnp.where(dims > 0.0, 1.0, 0.0))
 
 
 def chunk_decays(g, inverse: bool, resets: bool):
