@@ -157,11 +157,13 @@ def test_oracles_agree():
     assert rel_err(o1, o2) < 1e-12
 
 
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
 @pytest.mark.parametrize("reset", [-np.inf, -1e30])
 @pytest.mark.parametrize("form", ["token", "dim"])
-def test_state_reset_is_exact(reset, form):
+def test_state_reset_is_exact(reset, form, backend):
     """A reset decay at document starts gives exact results and finite gradients, and makes
-    each document independent of what came before it."""
+    each document independent of what came before it. With the Pallas kernels a per-dimension
+    decay takes the prescaled kernels' document masks (every dimension resets)."""
     r = rng()
     dp, sp, tp = 1, 4, 1
     B, T, H, Dk, Dv = 2, 32, 2, 4, 4
@@ -174,7 +176,8 @@ def test_state_reset_is_exact(reset, form):
     m = mesh(dp, sp, tp)
 
     def ours(q, k, v, g):
-        return lasp2_jax.linear_attention(q, k, v, log_decay=g, mesh=m, chunk_size=4)
+        return lasp2_jax.linear_attention(q, k, v, log_decay=g, mesh=m, chunk_size=4,
+                                          backend=backend)
 
     cot = [normal(r, (B, T, H, Dv))]
     o, grads = value_and_grads(jax.jit(ours), [q, k, v, g], cot)
