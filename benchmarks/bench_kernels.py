@@ -5,6 +5,7 @@ flash-linear-attention's (FLA) chunk kernels, measured in the same run.
     python benchmarks/bench_kernels.py                # full matrix (bf16, H=16, D=128)
     python benchmarks/bench_kernels.py --quick        # B=1 T=16384 only
     python benchmarks/bench_kernels.py --no-check     # skip the oracle checks
+    python benchmarks/bench_kernels.py --doc-len 2048 # packed documents, as training packs them
 
 Writes <out>/<tag>.json and .png (default benchmarks/results/kernels.*).
 Decay forms: basic (none), lightning ([H], fixed per head), simple_gla ([B,T,H], data
