@@ -183,11 +183,10 @@ def _assert_prescaled(q, k, g, chunk: int):
     n = g.shape[1] // chunk * chunk
     B, _, H, Dk = q.shape
     plan = pallas._plan(B, n, H, Dk, Dk, "per_dim", chunk, pallas.DEFAULT_CONFIG)
-    head = pallas._pad_operands(*(jnp.asarray(x[:, :n]) for x in (q, k, q, g)),
-                                jnp.zeros((B, H, Dk, Dk)), plan)
-    qp, kp, _, gp, _ = head
-    assert bool(pallas_prescaled.all_chunks_safe(pallas_prescaled.prescale(qp, kp, gp,
-                                                                           chunk)[2]))
+    qp, kp, _, gp, _ = pallas._pad_operands(*(jnp.asarray(x[:, :n]) for x in (q, k, q, g)),
+                                            jnp.zeros((B, H, Dk, Dk)), plan)
+    ad = pallas_prescaled.prescale(qp, kp, gp, chunk)[2]
+    assert bool(pallas_prescaled.all_chunks_safe(ad))
 
 
 def _check_case(case, config=pallas.DEFAULT_CONFIG):
