@@ -252,7 +252,8 @@ def jax_calls(impl, shape, scale, config=None, learned=None):
 
     @jax.jit
     def fwd_bwd(q_, k_, v_, g_, do_):
-        if g_ is not None and not (g_.ndim != 1 if learned is None else learned):
+        differentiated = g_ is not None and (g_.ndim != 1 if learned is None else learned)
+        if g_ is not None and not differentiated:
             # Lightning's decay is fixed, not learned (as FLA's g_gamma): no decay gradient.
             o, vjp = jax.vjp(lambda a, b, c: attn(a, b, c, g_), q_, k_, v_)
         else:

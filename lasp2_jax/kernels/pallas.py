@@ -297,9 +297,7 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
     qe, ke, ad, cnt = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
 
     def prescaled(cnt):  # None: no reset in the call
-        a = pallas_prescaled.segment_decays(
-            ad if cnt is None else pallas_prescaled.state_decays(ad, cnt, plan.chunk),
-            plan.segments)
+        a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         if m_given is not None:
             m = m_given
         elif plan.segments > 1:
@@ -334,9 +332,7 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
         _, _, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
         dop = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
         dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
-        a = pallas_prescaled.segment_decays(
-            ad if cnt is None else pallas_prescaled.state_decays(ad, cnt, plan.chunk),
-            plan.segments)
+        a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         if plan.segments > 1:
             dm = pallas_prescaled.segment_summaries(qe, dop, ad, cnt, segments=plan.segments,
                                                     chunk=plan.chunk, block_sizes=plan.fwd,

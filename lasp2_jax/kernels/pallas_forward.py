@@ -169,6 +169,12 @@ def causal_mask(c: int):
     return i >= j
 
 
+def document_pairs(cnt, c: int):
+    """[C, C] bool: the causal pairs (j <= i) of one document, from the chunk's reset counts
+    cnt [C] (equal counts: no reset between the two tokens)."""
+    return causal_mask(c) & (cnt[:, None] == cnt[None, :])
+
+
 def chunk_factors(bf_ref, cnt_ref, sl, before=None):
     """Per-dimension decay: the q-side, k-side and whole-chunk decay factors of the span ``sl``
     (table in the module docstring; the scalar form's are :func:`scalar_factors`).
@@ -213,7 +219,7 @@ def pair_weights(bf_ref, cnt_ref, sl, c: int, factorised: bool = False):
         w = jnp.exp(bf - ref)[:, None] * jnp.exp(ref - bf)[None, :]
         return jnp.where(causal_mask(c), w, 0.0)
     cnt = cnt_ref[sl]
-    keep = causal_mask(c) & (cnt[:, None] == cnt[None, :])
+    keep = document_pairs(cnt, c)
     return jnp.where(keep, jnp.exp(jnp.minimum(bf[:, None] - bf[None, :], 0.0)), 0.0)
 
 

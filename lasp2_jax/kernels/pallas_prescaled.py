@@ -65,13 +65,14 @@ from lasp2_jax.kernels.pallas_forward import (
     absent_refs,
     causal_mask,
     chunk_end,
+    document_pairs,
     lowp,
     mm,
     mmx,
     segment_entry_state,
     summary_specs,
 )
-from lasp2_jax.kernels.pallas_scans import RESET_LOG_DECAY
+from lasp2_jax.kernels.pallas_scans import RESET_LOG_DECAY, without_resets
 
 _f32 = jnp.float32
 # The carried states of the backward enter their matmuls in two bf16 parts when the decay
@@ -113,7 +114,7 @@ def _params(block_sizes):
 def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref, cnt_ref):
     g = g_ref[...]  # [C, Dk]
     reset = g < RESET_LOG_DECAY
-    gf = jnp.where(reset, 0.0, g)
+    gf = without_resets(g)
     b = jnp.cumsum(gf, axis=0)
     q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
     qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
@@ -131,7 +132,7 @@ def chunk_decays(g, inverse: bool, resets: bool):
     log decays g [C, Dk], with the resets (pallas_scans.RESET_LOG_DECAY) left out where the
     call has any, as :func:`prescale` takes it."""
     if resets:
-        g = jnp.where(g < RESET_LOG_DECAY, 0.0, g)
+        g = without_resets(g)
     b = jnp.cumsum(g, axis=0)
     return jnp.exp(-b if inverse else b)
 
@@ -167,12 +168,6 @@ def all_chunks_safe(ad):
     return jnp.all(ad > jnp.exp(jnp.float32(SAFE_LOG_DECAY)))
 
 
-def state_decays(ad, cnt, chunk: int):
-    """[B, H, N, Dk]: each chunk's decay of the state it carries, ad where the chunk has no
-    reset and 0 where it has one; from ad [B, H, N, Dk] and cnt [B, H, T] (:func:`prescale`)."""
-    return jnp.where(cnt[:, :, chunk - 1::chunk, None] > 0.0, 0.0, ad)
-
-
 class ChunkResets(NamedTuple):
     """One chunk's document masks, from the reset counts cnt (:func:`prescale`); without
     resets in the call (no cnt) the masks are left out and the methods change nothing.
@@ -194,8 +189,8 @@ class ChunkResets(NamedTuple):
             return cls(causal_mask(c))
         cnt = cnt_ref[sl]
         last = cnt_ref[chunk_end(sl)]
-        return cls(causal_mask(c) & (cnt[:, None] == cnt[None, :]), (cnt == 0.0)[:, None],
-                   (cnt == last)[:, None], last == 0.0)
+        return cls(document_pairs(cnt, c), (cnt == 0.0)[:, None], (cnt == last)[:, None],
+                   last == 0.0)
 
     def state_decay(self, ad):
         """[bk, 1]: the chunk's decay of the carried state's rows, from ad [bk]."""
@@ -222,9 +217,13 @@ def decayed_keys(ke, ad):
     return (ke.astype(_f32) * ad[None, :]).astype(ke.dtype)
 
 
-def segment_decays(ad, segments: int):
-    """[B, H, S, Dk]: the product of the chunk decays ad [B, H, N, Dk] over each segment."""
+def segment_decays(ad, cnt, segments: int):
+    """[B, H, S, Dk]: the decay of the carried state over each segment, the product of its
+    chunks' ad [B, H, N, Dk], where a chunk with a reset (cnt [B, H, T] of :func:`prescale`
+    above 0 at its end; None: no reset in the call) decays it to 0."""
     B, H, n, dk = ad.shape
+    if cnt is not None:
+        ad = jnp.where(cnt[:, :, cnt.shape[2] // n - 1::cnt.shape[2] // n, None] > 0.0, 0.0, ad)
     return jnp.prod(ad.reshape(B, H, segments, n // segments, dk), axis=3)
 
 
@@ -322,7 +321,7 @@ def forward_outputs(qe, ke, v, ad, cnt, s0, m, a, *, chunk: int, scale: float, b
 
     ad, cnt: :func:`prescale` (cnt None where the call has no reset); s0 [B, H, Dk, Dv];
     m [B, H, S, Dk, Dv] the segment summaries; a [B, H, S, Dk] the segment decays
-    (:func:`segment_decays` of :func:`state_decays`)."""
+    (:func:`segment_decays`)."""
     B, T, H, dk = qe.shape
     dv = v.shape[-1]
     S = m.shape[2]

@@ -27,11 +27,16 @@ _f32 = jnp.float32
 RESET_LOG_DECAY = -104.0
 
 
+def without_resets(g):
+    """The log decays g with each reset (below RESET_LOG_DECAY) replaced by 0: the terms of
+    the chunk-local sums, which leave resets to the reset counts."""
+    return jnp.where(g < RESET_LOG_DECAY, 0.0, g)
+
+
 def _tables_kernel(g_ref, bf_ref, cnt_ref):
     g = g_ref[...]  # [C] or [C, Dk]
-    reset = g < RESET_LOG_DECAY
-    bf_ref[...] = jnp.cumsum(jnp.where(reset, 0.0, g), axis=0)
-    cnt_ref[...] = jnp.cumsum(reset.astype(_f32), axis=0)
+    bf_ref[...] = jnp.cumsum(without_resets(g), axis=0)
+    cnt_ref[...] = jnp.cumsum((g < RESET_LOG_DECAY).astype(_f32), axis=0)
 
 
 def decay_tables(g, chunk: int):
