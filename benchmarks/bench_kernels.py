@@ -414,6 +414,9 @@ def _variants():
         "fw8": C(fb(num_warps=8), bb()),
         "bk32": C(fb(), bb(block_k=32)),
         "bst3": C(fb(), bb(num_stages=3)),
+        # the backward's dq and dk kernels on all of Dk at once: dO V^T once per chunk, not
+        # once per Dk block
+        "bbk128": C(fb(), bb(block_k=128, num_warps=8)),
     }
 
 

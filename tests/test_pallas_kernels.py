@@ -326,6 +326,48 @@ def test_summaries_given_back_match_and_are_checked():
                                       segment_summaries=other)
 
 
+def _gla_inputs(path, B, T, H, Dk, Dv):
+    """Inputs whose per-dimension decays send the attention down one path of
+    pallas._per_dim_path: "prescaled" (mild decays), "documents" (whole tokens reset) or
+    "exact" (one key dimension reset)."""
+    q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, "gla")
+    if path == "documents":
+        g[:, T // 3] = -np.inf
+        g[:, T // 2] = -1e30
+    elif path == "exact":
+        g[:, T // 3, :, 1] = -np.inf
+    return q, k, v, g, s0
+
+
+@pytest.mark.parametrize("path", ["prescaled", "documents", "exact"])
+def test_per_dim_summaries_share_the_prescale(path):
+    """Given the attention's q (as LASP-2 does), a per-dimension decay's segment summaries
+    come from its prescaled operands: the attention given them back equals the attention
+    alone, their fold is its final state from a zero state, and the float32 values match the
+    exact kernels' (no q). Likewise state_gradient given k matches the oracle."""
+    B, T, H, Dk, Dv = 1, 200, 2, 24, 20
+    q, k, v, g, _ = _gla_inputs(path, B, T, H, Dk, Dv)
+    plan = pallas._plan(B, T, H, Dk, Dv, "per_dim", 16, pallas.DEFAULT_CONFIG)
+    taken = pallas._per_dim_prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(g), plan)[4]
+    assert int(taken) == {"exact": pallas.EXACT, "prescaled": pallas.PRESCALED,
+                          "documents": pallas.PRESCALED_RESETS}[path]
+    summaries, m = pallas.segment_summaries(k, v, g, q=q, chunk_size=16)
+    exact_summaries, exact_m = pallas.segment_summaries(k, v, g, chunk_size=16)
+    assert summaries.shape == exact_summaries.shape
+    assert _rel(summaries, exact_summaries) < 1e-5
+    o, _ = pallas.chunk_linear_attention(q, k, v, g, scale=0.5, chunk_size=16,
+                                         segment_summaries=summaries)
+    o_ref, final_ref = pallas.chunk_linear_attention(q, k, v, g, scale=0.5, chunk_size=16)
+    assert _rel(o, o_ref) < 1e-5
+    assert _rel(m, final_ref) < 1e-5 and _rel(exact_m, final_ref) < 1e-5
+
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    ds = pallas.state_gradient(q, do, g, k=k, scale=0.5, chunk_size=16)
+    zero = np.zeros((B, H, Dk, Dv), np.float32)
+    want = _reference_vjp(q, k, v, g, zero, 0.5, do, zero)[6]
+    assert _rel(ds, want) < 1e-4
+
+
 @pytest.mark.parametrize("form", ["none", "scalar", "per_dim"])
 def test_state_gradient_matches_initial_state_cotangent(form):
     """state_gradient equals the oracle's initial-state cotangent when the final state's

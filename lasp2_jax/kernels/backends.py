@@ -7,7 +7,8 @@ output and the final state), ``state_summary`` (the LASP-2 summary) and ``full_a
 its ``chunk_attention`` computes first (which then takes them back, so that LASP-2 computes
 them once) and their fold, the LASP-2 summary; and ``state_gradient`` returns the cotangent of
 the attention's initial state from its outputs' cotangent by the same kernel call that the
-attention's backward makes (so that XLA merges the two in LASP-2's backward).
+attention's backward makes (so that XLA merges the two in LASP-2's backward). Both take the
+attention's other operand (``q=`` and ``k=``) for the work they share with it.
 """
 
 from __future__ import annotations

@@ -152,19 +152,33 @@ def _anchored_sums(db, anchors, group: int, plan: _Plan):
     return jnp.moveaxis(dg, 1, 2)
 
 
+def _pad_keys(x, plan: _Plan):
+    """q or k [B, T, H, Dk] padded with zeros to the plan's T and Dk."""
+    return _pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk)
+
+
+def _pad_decay(g, plan: _Plan):
+    """The log decays padded to the plan's T (zeros: no decay) and, per dimension, Dk."""
+    if g is None:
+        return None
+    g = _pad_axis(g, 1, plan.t_pad)
+    if g.ndim == 4 and g.shape[3] != plan.dk:
+        # The padded key dimensions repeat the last one (their q and k are 0): a token that
+        # resets every dimension still does, so packed documents keep the prescaled kernels
+        # (pallas_prescaled.all_chunks_safe).
+        g = jnp.pad(g, [(0, 0)] * 3 + [(0, plan.dk - g.shape[3])], mode="edge")
+    return g
+
+
+def _pad_values(x, plan: _Plan):
+    """v or dO [B, T, H, Dv] padded with zeros to the plan's T and Dv."""
+    return _pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dv)
+
+
 def _pad_operands(q, k, v, g, s0, plan: _Plan):
     """q, k, v, g and s0 padded to the plan's T, Dk and Dv (zeros: no effect on the rest)."""
-    q, k = (_pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dk) for x in (q, k))
-    v = _pad_axis(_pad_axis(v, 1, plan.t_pad), 3, plan.dv)
     s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
-    if g is not None:
-        g = _pad_axis(g, 1, plan.t_pad)
-        if g.ndim == 4 and g.shape[3] != plan.dk:
-            # The padded key dimensions repeat the last one (their q and k are 0): a token
-            # that resets every dimension still does, so packed documents keep the prescaled
-            # kernels (pallas_prescaled.all_chunks_safe).
-            g = jnp.pad(g, [(0, 0)] * 3 + [(0, plan.dk - g.shape[3])], mode="edge")
-    return q, k, v, g, s0
+    return _pad_keys(q, plan), _pad_keys(k, plan), _pad_values(v, plan), _pad_decay(g, plan), s0
 
 
 def _prepare(q, k, v, g, s0, plan: _Plan):
@@ -234,7 +248,7 @@ def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     residuals of :func:`_forward` and the dense cotangents of o and the final state."""
     q, k, v, bf, cnt, fast, a, s0, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
-    do = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
+    do = _pad_values(do.astype(q.dtype), plan)
     dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
     if plan.segments > 1:
         dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
@@ -293,18 +307,16 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
     """:func:`_forward` for a per-dimension decay. Residuals: the unpadded inputs, the
     prescaled operands, the path taken (_per_dim_path), the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
-    qp, kp, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
-    qe, ke, ad, cnt = pallas_prescaled.prescale(qp, kp, gp, plan.chunk)
+    _, _, vp, _, s0p = _pad_operands(q, k, v, g, s0, plan)
+    qe, ke, ad, cnt, path = _per_dim_prescale(q, k, g, plan)
 
     def prescaled(cnt):  # None: no reset in the call
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         if m_given is not None:
             m = m_given
         elif plan.segments > 1:
-            m = pallas_prescaled.segment_summaries(ke, vp, ad, cnt, segments=plan.segments,
-                                                   chunk=plan.chunk, block_sizes=plan.fwd,
-                                                   reverse=False)
-        else:
+            m = _prescaled_summaries(ke, vp, ad, cnt, plan)
+        else:  # one segment: its program needs no summary
             m = jnp.zeros((*a.shape[:3], plan.dk, plan.dv), _f32)
         o, final = pallas_prescaled.forward_outputs(qe, ke, vp, ad, cnt, s0p, m, a,
                                                     chunk=plan.chunk, scale=scale,
@@ -317,9 +329,27 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
         o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
         return o, final, res[8]
 
-    path = _per_dim_path(ad, cnt, plan.chunk)
     o, final, m = jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
     return o, final, (q, k, v, g, s0, qe, ke, ad, cnt, path, m, final)
+
+
+def _prescaled_summaries(x, y, ad, cnt, plan: _Plan, *, reverse: bool = False,
+                         scale: float = 1.0):
+    """pallas_prescaled.segment_summaries over the plan's segments: forward (x = ke, y = v) or
+    backward (reverse, x = qe, y = dO), [B, H, S, Dk, Dv]. ad, cnt: of
+    :func:`pallas_prescaled.prescale`, cnt None without resets; y padded."""
+    return pallas_prescaled.segment_summaries(x, y, ad, cnt, segments=plan.segments,
+                                              chunk=plan.chunk, block_sizes=plan.fwd,
+                                              reverse=reverse, scale=scale)
+
+
+def _per_dim_prescale(q, k, g, plan: _Plan):
+    """qe, ke, ad, cnt of the padded q, k and g and the path (:func:`_per_dim_path`) the
+    attention takes on them. The same operations as the attention's forward on the same
+    arrays, so that where both are in one program XLA keeps one prescale kernel."""
+    qe, ke, ad, cnt = pallas_prescaled.prescale(_pad_keys(q, plan), _pad_keys(k, plan),
+                                                _pad_decay(g, plan), plan.chunk)
+    return qe, ke, ad, cnt, _per_dim_path(ad, cnt, plan.chunk)
 
 
 def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
@@ -330,13 +360,11 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
 
     def prescaled(cnt):  # None: no reset in the call
         _, _, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
-        dop = _pad_axis(_pad_axis(do.astype(q.dtype), 1, plan.t_pad), 3, plan.dv)
+        dop = _pad_values(do.astype(q.dtype), plan)
         dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         if plan.segments > 1:
-            dm = pallas_prescaled.segment_summaries(qe, dop, ad, cnt, segments=plan.segments,
-                                                    chunk=plan.chunk, block_sizes=plan.fwd,
-                                                    reverse=True, scale=scale)
+            dm = _prescaled_summaries(qe, dop, ad, cnt, plan, reverse=True, scale=scale)
         else:
             dm = jnp.zeros_like(m)
         dq, dk, dv, dg, ds0 = pallas_prescaled.backward(
@@ -431,13 +459,17 @@ def _summary_value(k, v, g, config, decay_grad: bool):
     return _summaries_and_fold(k, v, g, config, decay_grad)[1]
 
 
-def segment_summaries(k, v, log_decay=None, *, chunk_size: int = 64, decay_grad: bool = False,
-                      config: Config = DEFAULT_CONFIG):
+def segment_summaries(k, v, log_decay=None, *, q=None, chunk_size: int = 64,
+                      decay_grad: bool = False, config: Config = DEFAULT_CONFIG):
     """The segment summaries that :func:`chunk_linear_attention` computes first, to compute
     them once where the caller also needs their fold (LASP-2 gathers it).
 
     Args:
       k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk].
+      q: the queries of the attention call that will take these summaries back, or None. With
+        a per-dimension decay the summaries then come from the prescaled operands of that
+        call (pallas_prescaled), by the same kernel call on the same arrays, which XLA keeps
+        once where both are in one program; without q they take the exact kernels.
       chunk_size, config: those the attention will be called with.
       decay_grad: the attention's log-decay gradient will be taken (the summaries then take
         the operands the attention's own would).
@@ -448,22 +480,44 @@ def segment_summaries(k, v, log_decay=None, *, chunk_size: int = 64, decay_grad:
     """
     k, v = jax.lax.stop_gradient((k, v.astype(k.dtype)))
     g = None if log_decay is None else jax.lax.stop_gradient(log_decay.astype(_f32))
-    return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
+    if q is None or not _prescaled(plan):
+        return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
+    # As chunk_linear_attention casts them: k and v in q's dtype.
+    q = jax.lax.stop_gradient(q)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    _, ke, ad, cnt, path = _per_dim_prescale(q, k, g, plan)
+    zero = jnp.zeros((B, H, plan.dk, plan.dv), _f32)
+
+    def prescaled(cnt):  # None: no reset in the call
+        m = _prescaled_summaries(ke, _pad_values(v, plan), ad, cnt, plan)
+        a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
+        return m, pallas_forward.fold_summaries(zero, a, m)[:, :, :Dk, :Dv]
+
+    def exact(_):
+        return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
+
+    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
 
 
-def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
+def state_gradient(q, do, log_decay=None, *, k=None, scale: float, chunk_size: int = 64,
                    decay_grad: bool = False, config: Config = DEFAULT_CONFIG):
     """The cotangent that the outputs' cotangent ``do`` sends to the state entering the
     sequence, ``scale * sum_i (q_i exp(b_i))^T do_i`` ([B, H, Dk, Dv] float32), from the same
     backward summary kernel, on the same operands, as the backward of
     :func:`chunk_linear_attention` with these arguments: where both are in one program, XLA
     keeps one of the two identical kernel calls. (LASP-2 gathers this cotangent before that
-    backward can run.) A per-dimension decay is the exception: this takes the exact kernels,
-    while the attention's backward takes the prescaled ones where it can, so the two calls
-    differ and both run.
+    backward can run.)
 
     Args:
       q: [B, T, H, Dk]; do: [B, T, H, Dv]; log_decay: None | [B, T, H] | [B, T, H, Dk].
+      k: the keys of that attention call, or None. A per-dimension decay then takes the
+        prescaled operands of the attention's forward (pallas_prescaled), by the same prescale
+        call, which XLA keeps once; without k it takes the exact kernels. Either way its
+        summary kernel runs apart from the attention's backward, which picks its kernels
+        inside a branch of its own.
       scale, chunk_size, config: those of the attention; decay_grad: whether its log-decay
         gradient is taken.
     Forward values only: the inputs pass through stop_gradient.
@@ -473,11 +527,27 @@ def state_gradient(q, do, log_decay=None, *, scale: float, chunk_size: int = 64,
     B, T, H, Dk = q.shape
     Dv = do.shape[-1]
     plan = _plan(B, T, H, Dk, Dv, _mode(g), chunk_size, config)
-    # The attention's forward pads q, its backward pads do: the same ops on the same arrays.
-    q, _, do, bf, cnt, fast, a, zero = _prepare(q, q, do, g, jnp.zeros((B, H, Dk, Dv), _f32),
-                                                plan)
-    dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
-    return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
+    zero = jnp.zeros((B, H, plan.dk, plan.dv), _f32)
+
+    def exact(_):
+        # The attention's forward pads q, its backward pads do: the same ops on the same
+        # arrays.
+        qp, _, dop, bf, cnt, fast, a, _ = _prepare(q, q, do, g, zero[:, :, :Dk, :Dv], plan)
+        dm = _backward_summaries(qp, dop, bf, cnt, fast, plan, scale, decay_grad)
+        return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
+
+    if k is None or not _prescaled(plan):
+        return exact(None)
+    qe, _, ad, cnt, path = _per_dim_prescale(q, jax.lax.stop_gradient(k).astype(q.dtype), g,
+                                             plan)
+
+    def prescaled(cnt):  # None: no reset in the call
+        dm = _prescaled_summaries(qe, _pad_values(do, plan), ad, cnt, plan, reverse=True,
+                                  scale=scale)
+        a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
+        return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
+
+    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

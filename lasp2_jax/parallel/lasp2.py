@@ -160,7 +160,7 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     out, pullback, decays = _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size,
                                                   backend, gather_splits, overlap, decay_grad)
     # The flag travels in the residuals' structure: () when the decay gradient is taken.
-    return out, (pullback, decays, q, g, () if decay_grad else None)
+    return out, (pullback, decays, q, k, g, () if decay_grad else None)
 
 
 def _overlapped(overlap, axis_name, q, v) -> bool:
@@ -191,7 +191,7 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
         # summaries behind M_r instead of computing them again.
         reuse = {}
         if backend.segment_summaries is not None:
-            summaries, m = backend.segment_summaries(k, v, g, chunk_size=chunk_size,
+            summaries, m = backend.segment_summaries(k, v, g, q=q, chunk_size=chunk_size,
                                                      decay_grad=decay_grad)
             reuse = dict(segment_summaries=summaries)
         else:
@@ -260,13 +260,13 @@ def _local_cotangents(attention_pullback, enter_pullback, cts):
 
 def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_splits, overlap,
                       res, cts):
-    pullback, decays, q, g, decay_grad = res
+    pullback, decays, q, k, g, decay_grad = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
     if backend.state_gradient is not None and not _overlapped(overlap, axis_name, q, do):
         # The attention ran from S_r: its backward below computes the same sum, by the same
         # kernel call on the same operands, which XLA then runs once.
-        ds = backend.state_gradient(q, do, g, scale=scale, chunk_size=chunk_size,
+        ds = backend.state_gradient(q, do, g, k=k, scale=scale, chunk_size=chunk_size,
                                     decay_grad=decay_grad is not None)
     else:
         ds = scale * state_cotangent(decayed_queries(q, g), do)
