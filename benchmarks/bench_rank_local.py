@@ -7,6 +7,7 @@ state gradient (state-first form), or the incoming-state pass (overlapped form).
 
     python benchmarks/bench_rank_local.py [--forms basic,lightning,simple_gla,gla]
                                           [--shape 1x16384] [--tag rank_local]
+    python benchmarks/bench_rank_local.py --profile   # also each call's device events
     python benchmarks/bench_rank_local.py --quick     # CPU dry run in interpret mode
 
 bf16, H=16, D=128, causal; forward and forward+backward medians (``bench_kernels.time_calls``),
@@ -30,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import bench_kernels as BK  # noqa: E402
+from benchmarks.profile_kernels import traced_events  # noqa: E402
 from lasp2_jax.kernels import get_backend  # noqa: E402
 from lasp2_jax.parallel.lasp2 import lasp2_causal  # noqa: E402
 
@@ -79,6 +81,8 @@ def main():
     p.add_argument("--forms", default="basic,lightning,simple_gla,gla")
     p.add_argument("--shape", default="1x16384", help="BxT (H=16, D=128)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace each forward+backward and list its device events")
     p.add_argument("--quick", action="store_true", help="tiny shape (CPU dry run)")
     p.add_argument("--tag", default="rank_local")
     p.add_argument("--out", default=BK.RESULTS)
@@ -98,8 +102,14 @@ def main():
         for name, (fwd, fwd_bwd) in named.items():
             t_f = BK.time_calls(lambda: fwd(q, k, v, g), BK.jax_sync)
             t_fb = BK.time_calls(lambda: fwd_bwd(q, k, v, g, do), BK.jax_sync)
-            rows.append(dict(form=form, call=name, fwd_ms=t_f, fwd_bwd_ms=t_fb))
+            row = dict(form=form, call=name, fwd_ms=t_f, fwd_bwd_ms=t_fb)
             print(f"{form:10s} {name:18s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms", flush=True)
+            if args.profile:
+                events, total = traced_events(lambda: fwd_bwd(q, k, v, g, do), calls=5)
+                row.update(fwd_bwd_device_ms=total, fwd_bwd_events=events)
+                for event, ms in events[:12]:
+                    print(f"    {ms:8.4f}  {event}")
+            rows.append(row)
     out = dict(device=device, jax=jax.__version__, B=B, T=T, H=H, D=D, backend=args.backend,
                rows=rows)
     os.makedirs(args.out, exist_ok=True)

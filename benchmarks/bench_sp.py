@@ -137,8 +137,14 @@ def overlap_report(mesh, q, k, v, backend, hlo_path):
 
     def local_only(q, k, v):
         s0 = jnp.zeros(q.shape[:1] + q.shape[2:3] + (q.shape[3], v.shape[3]), jnp.float32)
+        if be.late_state:  # lasp2_causal's overlapped form on such a backend
+            summaries, m = be.segment_summaries(k, v, None, q=q, chunk_size=64)
+            # a zero incoming state that, like the gathered one, depends on the local summary
+            o, _ = be.chunk_attention(q, k, v, None, scale=scale, chunk_size=64,
+                                      initial_state=s0 + 0 * m, segment_summaries=summaries,
+                                      late_state=True)
+            return o
         o_zero, m = be.chunk_attention(q, k, v, None, scale=scale, chunk_size=64)
-        # a zero incoming state that, like the gathered one, depends on the local summary
         o, _ = enter_state(o_zero, m, q, None, s0 + 0 * m, scale)
         return o
 

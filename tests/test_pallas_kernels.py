@@ -368,6 +368,42 @@ def test_per_dim_summaries_share_the_prescale(path):
     assert _rel(ds, want) < 1e-4
 
 
+LATE_STATE_CASES = [("none", None), ("scalar", None), ("strong", None), ("gla", "prescaled"),
+                    ("gla", "documents"), ("gla", "exact"), ("scalar", "one segment")]
+
+
+@pytest.mark.parametrize("form,case", LATE_STATE_CASES, ids=lambda x: str(x))
+def test_late_state_matches_the_oracle(form, case):
+    """late_state (the kernels from a zero state, the initial state's term added after):
+    outputs, final state and every gradient match the float64 oracle, with resets, several
+    segments and padding (T, Dk and Dv not multiples of the blocks), or one segment."""
+    B, T, H, Dk, Dv = 1, 150, 2, 24, 20
+    if form == "gla":
+        q, k, v, g, s0 = _gla_inputs(case, B, T, H, Dk, Dv)
+    else:
+        q, k, v, g, s0 = _inputs(B, T, H, Dk, Dv, form, resets=form != "none")
+    config = pallas.DEFAULT_CONFIG
+    if case == "one segment":
+        config = pallas.Config(pallas_forward.BlockSizes(min_programs=1))
+        assert pallas._plan(B, T, H, Dk, Dv, "scalar", 16, config).segments == 1
+    do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
+    dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    learned = g is not None
+
+    def f(q_, k_, v_, s_, g_):
+        return pallas.chunk_linear_attention(q_, k_, v_, g_, scale=0.4, chunk_size=16,
+                                             initial_state=s_, config=config, late_state=True)
+
+    args = (q, k, v, s0) + ((g,) if learned else ())
+    (o, st), vjp = jax.vjp(lambda *a: f(*a[:4], a[4] if learned else None), *args)
+    got = [o, st, *vjp((jnp.asarray(do), jnp.asarray(dst)))]
+    want = _reference_vjp(q, k, v, g, s0, 0.4, do, dst)
+    names = ["o", "final", "dq", "dk", "dv", "ds0", "dg"]
+    wanted = want[:5] + [want[6]] + ([want[5]] if learned else [])
+    for name, a, b in zip(names[:len(got)], got, wanted, strict=True):
+        assert _rel(a, b) < 1e-4, (name, _rel(a, b))
+
+
 @pytest.mark.parametrize("form", ["none", "scalar", "per_dim"])
 def test_state_gradient_matches_initial_state_cotangent(form):
     """state_gradient equals the oracle's initial-state cotangent when the final state's

@@ -68,6 +68,25 @@ def test_forward_and_backward_lower_to_triton(form, dtype, triton_kernels):
     _assert_triton_kernels(fwd_bwd, (x, x, x, g, x), KERNELS[form])
 
 
+@pytest.mark.parametrize("form", list(KERNELS))
+def test_late_state_lowers_to_triton(form, triton_kernels):
+    """With late_state (LASP-2's overlapped form) the incoming state's term is a kernel of its
+    own; the exact per-dimension branch takes the state at once."""
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    g = {"none": None, "scalar": jnp.zeros((B, T, H)),
+         "per_dim": jnp.zeros((B, T, H, D))}[form]
+
+    def fwd_bwd(q, k, v, g_, s0, do):
+        def attention(*a):
+            return pallas.chunk_linear_attention(*a[:4], scale=D ** -0.5, config=CONFIG,
+                                                 initial_state=a[4], late_state=True)
+        (o, st), vjp = jax.vjp(attention, q, k, v, g_, s0)
+        return o, vjp((do, jnp.zeros_like(st)))
+
+    s0 = jnp.zeros((B, H, D, D))
+    _assert_triton_kernels(fwd_bwd, (x, x, x, g, s0, x), KERNELS[form] | {"lasp2_state_entry"})
+
+
 @pytest.mark.parametrize("segments", [False, True], ids=["plain", "documents"])
 def test_flash_attention_lowers_to_triton(segments, triton_kernels):
     """The softmax layers' flash kernels (LASP-2H), causal, with document ids or without."""

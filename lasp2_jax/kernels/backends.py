@@ -29,6 +29,8 @@ class Backend:
     full_attention: Callable
     segment_summaries: Callable | None = None
     state_gradient: Callable | None = None
+    # chunk_attention takes late_state=True: the initial state's term after the kernels
+    late_state: bool = False
 
 
 def resolve_backend_name(backend: str) -> str:

@@ -28,7 +28,13 @@ import jax.numpy as jnp
 
 from lasp2_jax.compat import dense_cotangent, unwrap_primals
 from lasp2_jax.decay import is_per_dim
-from lasp2_jax.kernels import pallas_backward, pallas_forward, pallas_prescaled, pallas_scans
+from lasp2_jax.kernels import (
+    pallas_backward,
+    pallas_entry,
+    pallas_forward,
+    pallas_prescaled,
+    pallas_scans,
+)
 from lasp2_jax.kernels.backends import Backend
 from lasp2_jax.kernels.pallas_forward import NONE, PER_DIM, SCALAR, pow2
 
@@ -72,6 +78,7 @@ class _Plan:
     dv: int
     fwd: pallas_forward.BlockSizes
     bwd: pallas_backward.BlockSizes
+    late_state: bool = False  # chunk_linear_attention's late_state
 
 
 def _plan(B: int, T: int, H: int, Dk: int, Dv: int, mode: str, chunk_size: int,
@@ -215,11 +222,32 @@ def _forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: boo
              else m_given)
     else:
         m = jnp.zeros((B, H, 1, plan.dk, plan.dv), _f32)
-    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, fast, s0, m, a, mode=plan.mode,
-                                              scale=scale, block_sizes=plan.fwd,
+    # A late state enters after the kernels (the exact per-dimension path takes it at once).
+    late = plan.late_state and plan.mode != PER_DIM
+    o, final = pallas_forward.forward_outputs(q, k, v, bf, cnt, fast,
+                                              jnp.zeros_like(s0) if late else s0, m, a,
+                                              mode=plan.mode, scale=scale, block_sizes=plan.fwd,
                                               out_dtype=q.dtype, decay_grad=decay_grad)
+    if late:
+        rows = None if bf is None else pallas_entry.scalar_factors(bf, cnt, plan.chunk)
+        o, final = _enter_late_state(o, final, q, s0, a, m, scale, plan, rows=rows)
     residuals = (q, k, v, bf, cnt, fast, a, s0, m, final)
     return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], residuals
+
+
+def _enter_late_state(o_zero, final_zero, x, s0, a, m, scale: float, plan: _Plan, **factors):
+    """The outputs and final state from the incoming state s0 [B, H, Dk, Dv], given those from
+    a zero state (padded): o_zero plus s0's term (pallas_entry), which waits for s0 alone.
+    x: q, or GLA's qe; a, m: the segment decays and summaries; factors: the decay of x
+    (pallas_entry.add_state_term)."""
+    # Both materialised before the term: a collective that produces s0 completes after the
+    # kernels instead of ahead of them (as lasp2's overlapped form orders its own).
+    s0, o_zero = jax.lax.optimization_barrier((s0, o_zero))
+    o = pallas_entry.add_state_term(o_zero, x, s0, scale=scale, chunk=plan.chunk,
+                                    block_v=plan.fwd.block_v, **factors)
+    if plan.segments > 1:
+        return o, pallas_forward.fold_summaries(s0, a, m)
+    return o, a[:, :, 0, :, None] * s0 + final_zero  # one segment: its kernel's final state
 
 
 def _any_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
@@ -318,10 +346,14 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
             m = _prescaled_summaries(ke, vp, ad, cnt, plan)
         else:  # one segment: its program needs no summary
             m = jnp.zeros((*a.shape[:3], plan.dk, plan.dv), _f32)
-        o, final = pallas_prescaled.forward_outputs(qe, ke, vp, ad, cnt, s0p, m, a,
-                                                    chunk=plan.chunk, scale=scale,
-                                                    block_sizes=plan.fwd, out_dtype=q.dtype)
-        if plan.segments > 1:
+        o, final = pallas_prescaled.forward_outputs(
+            qe, ke, vp, ad, cnt, jnp.zeros_like(s0p) if plan.late_state else s0p, m, a,
+            chunk=plan.chunk, scale=scale, block_sizes=plan.fwd, out_dtype=q.dtype)
+        if plan.late_state:
+            o, final = _enter_late_state(
+                o, final, qe, s0p, a, m, scale, plan,
+                cols=pallas_entry.per_dim_factors(ad, cnt, plan.chunk), cnt=cnt)
+        elif plan.segments > 1:
             final = pallas_forward.fold_summaries(s0p, a, m)
         return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], m
 
@@ -404,7 +436,7 @@ def _mode(log_decay) -> str:
 
 def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size: int = 64,
                            initial_state=None, config: Config = DEFAULT_CONFIG,
-                           segment_summaries=None):
+                           segment_summaries=None, late_state: bool = False):
     """Causal linear attention over one device's segment, as Pallas kernels.
 
     Args:
@@ -417,13 +449,17 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale: float, chunk_size:
       config: block sizes of the kernels.
       segment_summaries: the first output of :func:`segment_summaries` for the same k, v,
         log_decay, chunk_size and config, which this call then does not compute again.
+      late_state: the kernels run from a zero state and initial_state's term is added after
+        them by a pass of its own (pallas_entry), so that they need not wait for it: LASP-2
+        overlaps the all-gather that produces it with them. The same values and gradients.
     Returns:
       o [B, T, H, Dv] in q's dtype, and the final state [B, H, Dk, Dv] float32.
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     mode = _mode(log_decay)
-    plan = _plan(B, T, H, Dk, Dv, mode, chunk_size, config)
+    plan = dataclasses.replace(_plan(B, T, H, Dk, Dv, mode, chunk_size, config),
+                               late_state=late_state and initial_state is not None)
     s0 = (jnp.zeros((B, H, Dk, Dv), _f32) if initial_state is None
           else initial_state.astype(_f32))
     g = None if log_decay is None else log_decay.astype(_f32)
@@ -611,4 +647,4 @@ def full_linear_attention(q, k, v, *, scale: float, initial_state=None):
 
 
 BACKEND = Backend("pallas", chunk_linear_attention, state_summary, full_linear_attention,
-                  segment_summaries, state_gradient)
+                  segment_summaries, state_gradient, late_state=True)

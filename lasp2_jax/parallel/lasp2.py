@@ -113,7 +113,8 @@ HBM_BYTES_PER_S = 3.0e12
 LINK_BYTES_PER_S = 5.0e10
 
 
-def gather_overlap_pays(world: int, shape_q, dv: int, itemsize: int) -> bool:
+def gather_overlap_pays(world: int, shape_q, dv: int, itemsize: int,
+                        late_state: bool = False) -> bool:
     """Whether to overlap the state gather with the local attention (True) or let the
     gathered incoming state enter the attention kernels (False).
 
@@ -123,13 +124,18 @@ def gather_overlap_pays(world: int, shape_q, dv: int, itemsize: int) -> bool:
     states). Measured on 2 H100 at 512K tokens per device, the overlap's extra pass took 5 ms
     of a 12.7 ms forward, while the gather, not overlapped, took 0.06 ms
     (benchmarks/results/sp_H100_sp2_final.json).
+    late_state: the backend adds the term by one pass after its kernels and takes the
+    state-first backward (Backend.late_state): overlap costs that one pass and hides the
+    forward's gather only.
     The gather time assumes the slow link, so overlap wins where it could matter: short local
     segments and many ranks.
     """
     B, L, H, dk = shape_q
-    extra_passes = 3 * B * L * H * (dk + 2 * dv) * itemsize
-    gathers = 2 * world * B * H * dk * (dv + 1) * 4
-    return gathers / LINK_BYTES_PER_S > extra_passes / HBM_BYTES_PER_S
+    one_pass = B * L * H * (dk + 2 * dv) * itemsize
+    one_gather = world * B * H * dk * (dv + 1) * 4
+    if late_state:
+        return one_gather / LINK_BYTES_PER_S > one_pass / HBM_BYTES_PER_S
+    return 2 * one_gather / LINK_BYTES_PER_S > 3 * one_pass / HBM_BYTES_PER_S
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
@@ -163,18 +169,18 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     return out, (pullback, decays, q, k, g, () if decay_grad else None)
 
 
-def _overlapped(overlap, axis_name, q, v) -> bool:
+def _overlapped(overlap, axis_name, q, v, backend) -> bool:
     """``overlap``, or where None the choice of :func:`gather_overlap_pays`."""
     if overlap is None:
         return gather_overlap_pays(jax.lax.axis_size(axis_name), q.shape, v.shape[-1],
-                                   q.dtype.itemsize)
+                                   q.dtype.itemsize, late_state=backend.late_state)
     return overlap
 
 
 def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend, gather_splits,
                           overlap, decay_grad=False):
     """Returns ((o, final state), the local pullback, the gathered segment decays)."""
-    overlap = _overlapped(overlap, axis_name, q, v)
+    overlap = _overlapped(overlap, axis_name, q, v, backend)
 
     def gather_incoming(m):
         """One all-gather of the packed (M_r, Gamma_r), [W, B, H, Dk, Dv + 1]; the scan."""
@@ -184,16 +190,18 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
         rank = jax.lax.axis_index(axis_name)
         return (*incoming_state(decays, summaries, s0.astype(_f32), rank), decays)
 
-    if not overlap:
+    if not overlap or backend.late_state:
         # The summary alone first (a forward value: the custom backward below accounts for
         # it), then the attention from the incoming state. A fixed decay is closed over: no
         # decay-gradient work. Where the backend can, the attention takes back the segment
-        # summaries behind M_r instead of computing them again.
-        reuse = {}
+        # summaries behind M_r instead of computing them again. Overlapped, a backend with
+        # late_state runs its kernels from a zero state while the gather is in flight and adds
+        # the incoming state's term after them; its backward is the state-first one.
+        reuse = dict(late_state=True) if overlap else {}
         if backend.segment_summaries is not None:
             summaries, m = backend.segment_summaries(k, v, g, q=q, chunk_size=chunk_size,
                                                      decay_grad=decay_grad)
-            reuse = dict(segment_summaries=summaries)
+            reuse["segment_summaries"] = summaries
         else:
             m, _ = backend.state_summary(k, v, g)
         s_in, s_final, decays = gather_incoming(m)
@@ -263,7 +271,8 @@ def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_
     pullback, decays, q, k, g, decay_grad = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
-    if backend.state_gradient is not None and not _overlapped(overlap, axis_name, q, do):
+    if backend.state_gradient is not None and (
+            backend.late_state or not _overlapped(overlap, axis_name, q, do, backend)):
         # The attention ran from S_r: its backward below computes the same sum, by the same
         # kernel call on the same operands, which XLA then runs once.
         ds = backend.state_gradient(q, do, g, k=k, scale=scale, chunk_size=chunk_size,
