@@ -123,6 +123,12 @@ def test_gather_overlap_pays_for_short_segments_on_many_ranks():
     into the kernels for 512K tokens per device over 2 ranks (H=16, D=128, bf16)."""
     assert lasp2_module.gather_overlap_pays(64, (1, 16384, 16, 128), 128, 2)
     assert not lasp2_module.gather_overlap_pays(2, (1, 524288, 16, 128), 128, 2)
+    # A backend that adds the late state by one pass: overlap already pays at 8 ranks there,
+    # and still not for long segments on 2 ranks.
+    assert lasp2_module.gather_overlap_pays(8, (1, 16384, 16, 128), 128, 2, late_state=True)
+    assert not lasp2_module.gather_overlap_pays(4, (1, 16384, 16, 128), 128, 2, late_state=True)
+    assert not lasp2_module.gather_overlap_pays(2, (1, 524288, 16, 128), 128, 2,
+                                                late_state=True)
 
 
 @pytest.mark.parametrize("form,local_len,chunk_size",

@@ -243,8 +243,7 @@ def _enter_late_state(o_zero, final_zero, x, s0, a, m, scale: float, plan: _Plan
     # Both materialised before the term: a collective that produces s0 completes after the
     # kernels instead of ahead of them (as lasp2's overlapped form orders its own).
     s0, o_zero = jax.lax.optimization_barrier((s0, o_zero))
-    o = pallas_entry.add_state_term(o_zero, x, s0, scale=scale, chunk=plan.chunk,
-                                    block_v=plan.fwd.block_v, **factors)
+    o = pallas_entry.add_state_term(o_zero, x, s0, scale=scale, chunk=plan.chunk, **factors)
     if plan.segments > 1:
         return o, pallas_forward.fold_summaries(s0, a, m)
     return o, a[:, :, 0, :, None] * s0 + final_zero  # one segment: its kernel's final state

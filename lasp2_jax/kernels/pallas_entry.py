@@ -7,11 +7,15 @@ arrived (DESIGN.md §1):
     o_t = o_zero_t + scale * (exp(b_t) * q_t) S,   b_t = sum_{s <= t} g_s over the local tokens,
 
 with exp(b_t) = 0 from a token's first reset on. One program per (batch * head, chunk, Dv block)
-reads the chunk's q (or GLA's prescaled qe), o_zero and the factors, and writes o: one pass
-over the tokens, in parallel over chunks. The factors come from the tables the attention built
-anyway (:func:`scalar_factors`, :func:`per_dim_factors`). As XLA fusions (an einsum of the
-decayed q with S, then the sum in float32) this term took 0.19 ms of basic linear attention's
-forward at B=1 T=16K H=16 D=128 on an H100 (benchmarks/NOTES_kernels.md, v16).
+reads the chunks' q (or GLA's prescaled qe), o_zero and the factors, and writes o: one pass
+over the tokens, in parallel over blocks of chunks. The factors come from the tables the
+attention built anyway (:func:`scalar_factors`, :func:`per_dim_factors`).
+
+On an H100 at B=1 T=16K H=16 D=128 bf16 (`python benchmarks/bench_state_entry.py`,
+benchmarks/results/state_entry_H100.json) the term took 0.267 ms as XLA fusions (an einsum of
+the decayed q with S, then the sum in float32), and 0.095 ms here (0.74 of the pass's HBM
+floor) with the whole Dv per program, 4 warps and 8 chunks per program; Dv blocks of 64 took
+0.122 ms.
 """
 
 from __future__ import annotations
@@ -61,19 +65,19 @@ def per_dim_factors(ad, cnt, chunk: int):
 
 
 # Chunks per program (at most): the program reads its [Dk, block_v] block of the state once
-# for them all.
+# for them all (with 8 warps a chunk per program was as fast, module docstring).
 CHUNKS_PER_PROGRAM = 8
 
 
 def _entry_kernel(x_ref, o_ref, s_ref, row_ref, col_ref, cnt_ref, out_ref, *, scale: float,
                   chunk: int, chunks: int):
-    state = s_ref[...]  # [Dk, bv] float32
+    state = s_ref[...].astype(x_ref.dtype)  # [Dk, bv], a matmul operand in x's dtype
     for i in range(chunks):
         sl = pl.ds(i * chunk, chunk)
         x = x_ref[sl, :]  # [C, Dk]: q, or GLA's prescaled qe
         if col_ref is not None:  # [1, Dk]: the decay of the chunks before, per key dimension
             x = (x.astype(_f32) * col_ref[pl.ds(i, 1), :]).astype(x.dtype)
-        term = mm(x, state.astype(x.dtype))  # [C, bv]
+        term = mm(x, state)  # [C, bv]
         if row_ref is not None:  # [C]: exp(b_t), a scalar decay
             term = term * row_ref[sl][:, None]
         if cnt_ref is not None:  # the state reaches the tokens before the chunk's first reset
@@ -82,7 +86,7 @@ def _entry_kernel(x_ref, o_ref, s_ref, row_ref, col_ref, cnt_ref, out_ref, *, sc
 
 
 def add_state_term(o_zero, x, s, *, scale: float, chunk: int, rows=None, cols=None, cnt=None,
-                   block_v: int = 64):
+                   block_v: int = 128, num_warps: int = 4):
     """o_zero + scale * (decayed x) s, [B, T, H, Dv] in o_zero's dtype.
 
     o_zero [B, T, H, Dv]; x [B, T, H, Dk] (q, or GLA's qe); s [B, H, Dk, Dv] float32, the
@@ -119,7 +123,7 @@ def add_state_term(o_zero, x, s, *, scale: float, chunk: int, rows=None, cols=No
                   *(spec for _, spec in given)],
         out_specs=vcol,
         out_shape=jax.ShapeDtypeStruct(o_zero.shape, o_zero.dtype),
-        compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
+        compiler_params=compat.triton_compiler_params(num_warps=num_warps, num_stages=1),
         interpret=compat.pallas_interpret(),
         name="lasp2_state_entry",
     )(x, o_zero, s, *(arr for arr, _ in given))
