@@ -443,7 +443,23 @@ SWITCHES = {
     # timing only: the scalar forms' kernels with the factorised chunk loop alone (right on
     # the benchmarks' inputs, which every segment factorises; pallas_forward.ONE_LOOP)
     "one_loop": {"ONE_LOOP": "factorised"},
+    # timing only, wrong results: what a scalar decay's arithmetic costs the kernels, its pair
+    # weights replaced by the causal mask, or its q, k and chunk factors by ones
+    "no_pair_weights": {"pair_weights": lambda *a, **k: _causal_weights(*a, **k),
+                        "pallas_backward.pair_weights": lambda *a, **k: _causal_weights(*a, **k)},
+    "no_decay_factors": {"scalar_factors": lambda *a, **k: _unit_factors(*a, **k)},
 }
+
+
+def _causal_weights(bf_ref, cnt_ref, sl, c, factorised=False):
+    """pallas_forward.pair_weights without the decay (the no_pair_weights ablation)."""
+    return jnp.where(pallas_forward.causal_mask(c), 1.0, 0.0)
+
+
+def _unit_factors(bf_ref, cnt_ref, sl, factorised=False):
+    """pallas_forward.scalar_factors without the decay (the no_decay_factors ablation)."""
+    one = jnp.ones((sl.size, 1), jnp.float32)
+    return one, one, 1.0
 
 
 def _switch_target(name):

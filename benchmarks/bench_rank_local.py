@@ -18,6 +18,7 @@ prints a table last.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -100,12 +101,14 @@ def main():
         g = None if gn is None else jnp.asarray(gn)
         named, g = rank_calls(form, args.backend, (B, T, H, D), g)
         for name, (fwd, fwd_bwd) in named.items():
-            t_f = BK.time_calls(lambda: fwd(q, k, v, g), BK.jax_sync)
-            t_fb = BK.time_calls(lambda: fwd_bwd(q, k, v, g, do), BK.jax_sync)
+            call_fwd = functools.partial(fwd, q, k, v, g)
+            call_fwd_bwd = functools.partial(fwd_bwd, q, k, v, g, do)
+            t_f = BK.time_calls(call_fwd, BK.jax_sync)
+            t_fb = BK.time_calls(call_fwd_bwd, BK.jax_sync)
             row = dict(form=form, call=name, fwd_ms=t_f, fwd_bwd_ms=t_fb)
             print(f"{form:10s} {name:18s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms", flush=True)
             if args.profile:
-                events, total = traced_events(lambda: fwd_bwd(q, k, v, g, do), calls=5)
+                events, total = traced_events(call_fwd_bwd, calls=5)
                 row.update(fwd_bwd_device_ms=total, fwd_bwd_events=events)
                 for event, ms in events[:12]:
                     print(f"    {ms:8.4f}  {event}")

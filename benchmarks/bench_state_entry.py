@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import bench_kernels as BK  # noqa: E402
-from lasp2_jax.kernels import pallas_entry  # noqa: E402
+from lasp2_jax.kernels import pallas_entry, pallas_scans  # noqa: E402
 from lasp2_jax.parallel.lasp2 import enter_state  # noqa: E402
 
 CHUNK = 64
@@ -57,13 +57,13 @@ def main():
         return enter_state(o_zero, m, q, g, s, scale)[0]
 
     # The kernel's factors from the chunk-local tables, as the Pallas backend builds them.
-    from lasp2_jax.kernels import pallas_scans
     bf, cnt = pallas_scans.decay_tables(g, CHUNK)
     rows = pallas_entry.scalar_factors(bf, cnt, CHUNK)
     want = np.asarray(xla(o_zero, q, g, s), np.float32)
     bw = BK.copy_bandwidth()
     floor_ms = 3 * B * T * H * D * 2 / (bw * 1e9) * 1e3  # read q and o_zero, write o
-    rows_out = [dict(impl="xla", ms=BK.time_calls(lambda: xla(o_zero, q, g, s), BK.jax_sync))]
+    rows_out = [dict(impl="xla",
+                     ms=BK.time_calls(functools.partial(xla, o_zero, q, g, s), BK.jax_sync))]
     for bv, warps, chunks in VARIANTS:
         saved = pallas_entry.CHUNKS_PER_PROGRAM
         pallas_entry.CHUNKS_PER_PROGRAM = chunks
@@ -72,7 +72,7 @@ def main():
                                            block_v=bv, num_warps=warps))
             got = np.asarray(fn(o_zero, q, s, rows=rows), np.float32)
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-            ms = BK.time_calls(lambda: fn(o_zero, q, s, rows=rows), BK.jax_sync)
+            ms = BK.time_calls(functools.partial(fn, o_zero, q, s, rows=rows), BK.jax_sync)
         finally:
             pallas_entry.CHUNKS_PER_PROGRAM = saved
         rows_out.append(dict(impl=f"pallas bv{bv} w{warps} c{chunks}", ms=ms, rel_err=err))
