@@ -6,10 +6,11 @@ arrived (DESIGN.md §1):
 
     o_t = o_zero_t + scale * (exp(b_t) * q_t) S,   b_t = sum_{s <= t} g_s over the local tokens,
 
-with exp(b_t) = 0 from a token's first reset on. One program per (batch * head, chunk, Dv block)
-reads the chunks' q (or GLA's prescaled qe), o_zero and the factors, and writes o: one pass
-over the tokens, in parallel over blocks of chunks. The factors come from the tables the
-attention built anyway (:func:`scalar_factors`, :func:`per_dim_factors`).
+with exp(b_t) = 0 from a token's first reset on. One program per (batch * head, block of up to
+CHUNKS_PER_PROGRAM chunks, Dv block) reads the chunks' q (or GLA's prescaled qe), o_zero and
+the factors, and writes o: one pass over the tokens, in parallel over blocks of chunks. The
+factors come from the tables the attention built anyway (:func:`scalar_factors`,
+:func:`per_dim_factors`).
 
 On an H100 at B=1 T=16K H=16 D=128 bf16 (`python benchmarks/bench_state_entry.py`,
 benchmarks/results/state_entry_H100.json) the term took 0.267 ms as XLA fusions (an einsum of

@@ -5,11 +5,14 @@ exclusive scan over ranks gives the incoming state S_r. Two forms (``lasp2_causa
 ``overlap``, chosen by :func:`gather_overlap_pays`):
 - overlapped, as in the paper: the local chunked attention runs from a zero state (its final
   state is M_r) while the gather is in flight, then one [L, Dk] x [Dk, Dv] product per head
-  adds S_r's contribution (:func:`enter_state`);
+  adds S_r's contribution (:func:`enter_state`). A backend with ``late_state`` (Pallas) does
+  this inside its attention call: the summary first, its kernels from a zero state under the
+  gather, then a kernel of its own for S_r's term; its backward is the state-first one;
 - state first: the summary alone, the gather, then the attention kernels start from S_r.
 Backward (custom VJP): all-gather dS_r once, reverse-scan it into dM_r, and pull both
-cotangents through the local computation. In the state-first form a backend with a
-``state_gradient`` gives dS_r by the kernel call that the local backward makes anyway.
+cotangents through the local computation. Where the attention took S_r (state first, or
+late_state) a backend with a ``state_gradient`` gives dS_r by the kernel call that the local
+backward makes anyway.
 """
 
 from __future__ import annotations
