@@ -321,7 +321,7 @@ EXACT, PRESCALED, PRESCALED_RESETS = 0, 1, 2
 def _per_dim_path(ad, cnt, chunk: int):
     """EXACT, PRESCALED or PRESCALED_RESETS as a traced int32, from the ad and cnt of
     :func:`pallas_prescaled.prescale`."""
-    resets = jnp.any(cnt[:, :, chunk - 1::chunk] > 0.0)  # a chunk's count is at its end
+    resets = jnp.any(pallas_scans.chunk_ends(cnt, chunk) > 0.0)
     return jnp.where(pallas_prescaled.all_chunks_safe(ad),
                      jnp.where(resets, PRESCALED_RESETS, PRESCALED), EXACT).astype(jnp.int32)
 
@@ -351,7 +351,7 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
         if plan.late_state:
             o, final = _enter_late_state(
                 o, final, qe, s0p, a, m, scale, plan,
-                cols=pallas_entry.per_dim_factors(ad, cnt, plan.chunk), cnt=cnt)
+                cols=pallas_entry.per_dim_factors(ad, cnt), cnt=cnt)
         elif plan.segments > 1:
             final = pallas_forward.fold_summaries(s0p, a, m)
         return o[:, :T, :, :Dv], final[:, :, :Dk, :Dv], m

@@ -6,11 +6,10 @@ arrived (DESIGN.md §1):
 
     o_t = o_zero_t + scale * (exp(b_t) * q_t) S,   b_t = sum_{s <= t} g_s over the local tokens,
 
-with exp(b_t) = 0 from a token's first reset on. One program per (batch * head, block of up to
-CHUNKS_PER_PROGRAM chunks, Dv block) reads the chunks' q (or GLA's prescaled qe), o_zero and
-the factors, and writes o: one pass over the tokens, in parallel over blocks of chunks. The
-factors come from the tables the attention built anyway (:func:`scalar_factors`,
-:func:`per_dim_factors`).
+with exp(b_t) = 0 from a token's first reset on. One program per (batch * head, block of
+chunks, Dv block) reads the chunks' q (or GLA's prescaled qe), o_zero and the factors, and
+writes o: one pass over the tokens, in parallel over blocks of chunks. The factors come from
+the tables the attention built anyway (:func:`scalar_factors`, :func:`per_dim_factors`).
 
 On an H100 at B=1 T=16K H=16 D=128 bf16 (`python benchmarks/bench_state_entry.py`,
 benchmarks/results/state_entry_H100.json) the term took 0.267 ms as XLA fusions (an einsum of
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
+from lasp2_jax.kernels import pallas_prescaled, pallas_scans
 from lasp2_jax.kernels.pallas_forward import absent_refs, mm
 
 _f32 = jnp.float32
@@ -48,26 +48,20 @@ def scalar_factors(bf, cnt, chunk: int):
     it, 0 from the first reset on."""
     B, H, T = bf.shape
     n = T // chunk
-    ends = (slice(None), slice(None), slice(chunk - 1, None, chunk))
-    log_chunk = jnp.where(cnt[ends] > 0.0, -jnp.inf, bf[ends])  # [B, H, N]
+    log_chunk = jnp.where(pallas_scans.chunk_ends(cnt, chunk) > 0.0, -jnp.inf,
+                          pallas_scans.chunk_ends(bf, chunk))  # [B, H, N]
     before = _exclusive_chunk_prefix(log_chunk)
     own = jnp.where(cnt == 0.0, jnp.exp(bf), 0.0).reshape(B, H, n, chunk)
     return (own * before[..., None]).reshape(B, H, T)
 
 
-def per_dim_factors(ad, cnt, chunk: int):
+def per_dim_factors(ad, cnt):
     """GLA's prescaled form: the decay of the chunks before each chunk, per key dimension,
     [B, H, N, Dk], from the chunk decays ad [B, H, N, Dk] and the reset counts cnt [B, H, T]
     of pallas_prescaled.prescale (None: no reset in the call). qe times it is exp(b) q up to the
     tokens after a chunk's first reset, which the kernel zeroes from cnt."""
-    if cnt is not None:
-        ad = jnp.where(cnt[:, :, chunk - 1::chunk, None] > 0.0, 0.0, ad)
-    return _exclusive_chunk_prefix(jnp.log(ad))  # log 0 = -inf: a reset
-
-
-# Chunks per program (at most): the program reads its [Dk, block_v] block of the state once
-# for them all (with 8 warps a chunk per program was as fast, module docstring).
-CHUNKS_PER_PROGRAM = 8
+    # log 0 = -inf: a reset
+    return _exclusive_chunk_prefix(jnp.log(pallas_prescaled.carried_decays(ad, cnt)))
 
 
 def _entry_kernel(x_ref, o_ref, s_ref, row_ref, col_ref, cnt_ref, out_ref, *, scale: float,
@@ -87,21 +81,23 @@ def _entry_kernel(x_ref, o_ref, s_ref, row_ref, col_ref, cnt_ref, out_ref, *, sc
 
 
 def add_state_term(o_zero, x, s, *, scale: float, chunk: int, rows=None, cols=None, cnt=None,
-                   block_v: int = 128, num_warps: int = 4):
+                   block_v: int = 128, num_warps: int = 4, chunks_per_program: int = 8):
     """o_zero + scale * (decayed x) s, [B, T, H, Dv] in o_zero's dtype.
 
     o_zero [B, T, H, Dv]; x [B, T, H, Dk] (q, or GLA's qe); s [B, H, Dk, Dv] float32, the
     incoming state; T a multiple of chunk. The decay of x: rows [B, H, T], a per-token factor
     (:func:`scalar_factors`); or cols [B, H, T // chunk, Dk], per chunk and key dimension
     (:func:`per_dim_factors`) with cnt [B, H, T], the reset counts, where the call has resets;
-    all None without decay.
+    all None without decay. A program takes up to chunks_per_program chunks and reads its
+    [Dk, block_v] block of s once for them (with 8 warps one chunk was as fast, module
+    docstring).
     """
     B, T, H, dk = x.shape
     dv = o_zero.shape[-1]
     bv = min(block_v, dv)
     n = T // chunk
     g = 1  # chunks per program: a power of two that divides n
-    while 2 * g <= CHUNKS_PER_PROGRAM and n % (2 * g) == 0:
+    while 2 * g <= chunks_per_program and n % (2 * g) == 0:
         g *= 2
     span = g * chunk
     rows_of_x = pl.BlockSpec((None, span, None, dk), lambda bh, i, j: (bh // H, i, bh % H, 0))

@@ -217,14 +217,21 @@ def decayed_keys(ke, ad):
     return (ke.astype(_f32) * ad[None, :]).astype(ke.dtype)
 
 
+def carried_decays(ad, cnt):
+    """[B, H, N, Dk]: each chunk's decay of the carried state, its ad [B, H, N, Dk], or 0 for
+    a chunk with a reset (cnt [B, H, T] of :func:`prescale` above 0 at its end; None: no
+    reset in the call)."""
+    if cnt is None:
+        return ad
+    ends = pallas_scans.chunk_ends(cnt, cnt.shape[2] // ad.shape[2])
+    return jnp.where(ends[..., None] > 0.0, 0.0, ad)
+
+
 def segment_decays(ad, cnt, segments: int):
     """[B, H, S, Dk]: the decay of the carried state over each segment, the product of its
-    chunks' ad [B, H, N, Dk], where a chunk with a reset (cnt [B, H, T] of :func:`prescale`
-    above 0 at its end; None: no reset in the call) decays it to 0."""
+    chunks' :func:`carried_decays`."""
     B, H, n, dk = ad.shape
-    if cnt is not None:
-        ad = jnp.where(cnt[:, :, cnt.shape[2] // n - 1::cnt.shape[2] // n, None] > 0.0, 0.0, ad)
-    return jnp.prod(ad.reshape(B, H, segments, n // segments, dk), axis=3)
+    return jnp.prod(carried_decays(ad, cnt).reshape(B, H, segments, n // segments, dk), axis=3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ def without_resets(g):
     return jnp.where(g < RESET_LOG_DECAY, 0.0, g)
 
 
+def chunk_ends(table, chunk: int):
+    """[B, H, T // chunk]: a head-major table [B, H, T] (bf, cnt) at each chunk's last token,
+    where it holds the chunk's total."""
+    return table[:, :, chunk - 1::chunk]
+
+
 def _tables_kernel(g_ref, bf_ref, cnt_ref):
     g = g_ref[...]  # [C] or [C, Dk]
     bf_ref[...] = jnp.cumsum(without_resets(g), axis=0)

@@ -174,6 +174,12 @@ def _lasp2_causal_fwd(q, k, v, g, s0, axis_name, scale, chunk_size, backend, wan
     return out, (pullback, decays, q, k, g, () if decay_grad else None)
 
 
+def _attention_takes_state(overlapped: bool, backend) -> bool:
+    """Whether the local attention is called with the incoming state (and its backward is the
+    state-first one): the state-first form, or the overlapped one on a late_state backend."""
+    return not overlapped or backend.late_state
+
+
 def _overlapped(overlap, axis_name, q, v, backend) -> bool:
     """``overlap``, or where None the choice of :func:`gather_overlap_pays`."""
     if overlap is None:
@@ -195,7 +201,7 @@ def _lasp2_causal_forward(q, k, v, g, s0, axis_name, scale, chunk_size, backend,
         rank = jax.lax.axis_index(axis_name)
         return (*incoming_state(decays, summaries, s0.astype(_f32), rank), decays)
 
-    if not overlap or backend.late_state:
+    if _attention_takes_state(overlap, backend):
         # The summary alone first (a forward value: the custom backward below accounts for
         # it), then the attention from the incoming state. A fixed decay is closed over: no
         # decay-gradient work. Where the backend can, the attention takes back the segment
@@ -276,8 +282,8 @@ def _lasp2_causal_bwd(axis_name, scale, chunk_size, backend, want_final, gather_
     pullback, decays, q, k, g, decay_grad = res
     do, d_final = (dense_cotangent(ct) for ct in cts)
     # dS_r: gradient of this rank's outputs with respect to its incoming state.
-    if backend.state_gradient is not None and (
-            backend.late_state or not _overlapped(overlap, axis_name, q, do, backend)):
+    if backend.state_gradient is not None and _attention_takes_state(
+            _overlapped(overlap, axis_name, q, do, backend), backend):
         # The attention ran from S_r: its backward below computes the same sum, by the same
         # kernel call on the same operands, which XLA then runs once.
         ds = backend.state_gradient(q, do, g, k=k, scale=scale, chunk_size=chunk_size,
