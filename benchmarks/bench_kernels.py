@@ -448,7 +448,25 @@ SWITCHES = {
     "no_pair_weights": {"pair_weights": lambda *a, **k: _causal_weights(*a, **k),
                         "pallas_backward.pair_weights": lambda *a, **k: _causal_weights(*a, **k)},
     "no_decay_factors": {"scalar_factors": lambda *a, **k: _unit_factors(*a, **k)},
+    # timing only, wrong results: what parts of GLA's prescaled backward cost, the dk kernel's
+    # decay-gradient sums without their scan inside the chunk, or without the read of q dq
+    "gla_no_dg_scan": {"pallas_prescaled._anchored_sums_from_end":
+                       lambda *a: _gla_sums_ablated(*a, scan=False)},
+    "gla_no_dbq": {"pallas_prescaled._anchored_sums_from_end":
+                   lambda *a: _gla_sums_ablated(*a, read_dbq=False)},
 }
+
+
+def _gla_sums_ablated(db_ref, dbq_ref, sl, k_dk, after, state, dh, group_end, *,
+                      scan=True, read_dbq=True):
+    """pallas_prescaled._anchored_sums_from_end without its scan or its read of q dq (the
+    gla_no_dg_scan and gla_no_dbq ablations)."""
+    at_end = jnp.sum(state.astype(jnp.float32) * dh, axis=1)
+    after = jnp.where(group_end, at_end, after)
+    x = (dbq_ref[sl, :] - k_dk) if read_dbq else -k_dk
+    total = jnp.sum(x, axis=0)
+    db_ref[sl, :] = (after + total)[None, :] - ((jnp.cumsum(x, axis=0) - x) if scan else x)
+    return after + total
 
 
 def _causal_weights(bf_ref, cnt_ref, sl, c, factorised=False):

@@ -185,7 +185,7 @@ def _assert_prescaled(q, k, g, chunk: int):
     plan = pallas._plan(B, n, H, Dk, Dk, "per_dim", chunk, pallas.DEFAULT_CONFIG)
     qp, kp, _, gp, _ = pallas._pad_operands(*(jnp.asarray(x[:, :n]) for x in (q, k, q, g)),
                                             jnp.zeros((B, H, Dk, Dk)), plan)
-    ad = pallas_prescaled.prescale(qp, kp, gp, chunk)[2]
+    ad = pallas_prescaled.prescale(qp, kp, gp, chunk).ad
     assert bool(pallas_prescaled.all_chunks_safe(ad))
 
 
@@ -230,13 +230,14 @@ def test_prescale_matches_numpy_and_flags_unsafe_chunks():
         gr = g.copy()
         if reset is not None:
             gr[:, reset] = -np.inf
-        qe, ke, ad, cnt = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k),
-                                                    jnp.asarray(gr), C)
+        qe, ke, eb, ad, cnt = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k),
+                                                        jnp.asarray(gr), C)
         finite = np.where(np.isinf(gr), 0.0, gr).astype(np.float64)
         b = np.cumsum(finite.reshape(B, T // C, C, H, D), axis=2)
         total = b[:, :, -1:]
         for got, want in ((qe, q.reshape(b.shape) * np.exp(b)),
                           (ke, k.reshape(b.shape) * np.exp(-b)),
+                          (eb, np.exp(b)),
                           (ad, np.moveaxis(np.exp(total[:, :, 0]), 2, 1))):
             assert _rel(got, want.reshape(got.shape)) < 1e-5
         resets = np.isinf(gr[..., 0]).reshape(B, T // C, C, H)
@@ -252,7 +253,7 @@ def test_prescale_matches_numpy_and_flags_unsafe_chunks():
     for t, d, value in ((T // 2, 3, -np.inf), (5, 3, -41.0)):
         unsafe = g.copy()
         unsafe[:, t, :, d] = value
-        ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(unsafe), C)[2]
+        ad = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(unsafe), C).ad
         assert not bool(pallas_prescaled.all_chunks_safe(ad))
 
 
@@ -269,7 +270,7 @@ def test_per_dim_decay_paths_match_recurrence(path):
         g[:, 40, 1, 5] = pallas_forward.SAFE_LOG_DECAY - 1.0
     assert pallas._plan(B, T, H, Dk, Dv, "per_dim", C, config).segments == 1
     head = [jnp.asarray(x[:, :80]) for x in (q, k, g)]  # whole chunks
-    safe = pallas_prescaled.all_chunks_safe(pallas_prescaled.prescale(*head, C)[2])
+    safe = pallas_prescaled.all_chunks_safe(pallas_prescaled.prescale(*head, C).ad)
     assert bool(safe) == (path == "prescaled")
     do = RNG.standard_normal((B, T, H, Dv)).astype(np.float32)
     dst = RNG.standard_normal((B, H, Dk, Dv)).astype(np.float32)
@@ -348,7 +349,7 @@ def test_per_dim_summaries_share_the_prescale(path):
     B, T, H, Dk, Dv = 1, 200, 2, 24, 20
     q, k, v, g, _ = _gla_inputs(path, B, T, H, Dk, Dv)
     plan = pallas._plan(B, T, H, Dk, Dv, "per_dim", 16, pallas.DEFAULT_CONFIG)
-    taken = pallas._per_dim_prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(g), plan)[4]
+    taken = pallas._per_dim_prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(g), plan)[-1]
     assert int(taken) == {"exact": pallas.EXACT, "prescaled": pallas.PRESCALED,
                           "documents": pallas.PRESCALED_RESETS}[path]
     summaries, m = pallas.segment_summaries(k, v, g, q=q, chunk_size=16)

@@ -249,14 +249,19 @@ def _enter_late_state(o_zero, final_zero, x, s0, a, m, scale: float, plan: _Plan
     return o, a[:, :, 0, :, None] * s0 + final_zero  # one segment: its kernel's final state
 
 
-def _any_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
-    forward = _per_dim_forward if _prescaled(plan) else _forward
-    return forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
+def _any_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool,
+                 for_backward: bool):
+    """:func:`_forward`, or :func:`_per_dim_forward` where the plan takes the prescaled
+    kernels; for_backward: the residuals will be used (a custom VJP's forward)."""
+    if _prescaled(plan):
+        return _per_dim_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad, for_backward)
+    return _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _chunk_attention(q, k, v, g, s0, m_given, scale, plan):
-    o, final, _ = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad=False)
+    o, final, _ = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad=False,
+                               for_backward=False)
     return o, final
 
 
@@ -265,7 +270,8 @@ def _chunk_attention_fwd(q, k, v, g, s0, m_given, scale, plan):
     # (Lightning's and RetNet's fixed decays) spares the backward its decay-gradient work.
     (q, k, v, g, s0, m_given), perturbed = unwrap_primals(q, k, v, g, s0, m_given)
     decay_grad = perturbed[3]
-    o, final, res = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
+    o, final, res = _any_forward(q, k, v, g, s0, m_given, scale, plan, decay_grad,
+                                 for_backward=True)
     # The flag travels in the residuals' structure: () when the decay gradient is wanted.
     return (o, final), (res, () if decay_grad else None)
 
@@ -330,12 +336,14 @@ def _prescaled(plan: _Plan) -> bool:
     return plan.mode == PER_DIM and PRESCALED_PER_DIM
 
 
-def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool):
+def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_grad: bool,
+                     for_backward: bool = True):
     """:func:`_forward` for a per-dimension decay. Residuals: the unpadded inputs, the
-    prescaled operands, the path taken (_per_dim_path), the summaries and the final state."""
+    prescaled operands (exp(b) among them only for_backward), the path taken (_per_dim_path),
+    the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     _, _, vp, _, s0p = _pad_operands(q, k, v, g, s0, plan)
-    qe, ke, ad, cnt, path = _per_dim_prescale(q, k, g, plan)
+    qe, ke, eb, ad, cnt, path = _per_dim_prescale(q, k, g, plan, for_backward)
 
     def prescaled(cnt):  # None: no reset in the call
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
@@ -361,7 +369,7 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
         return o, final, res[8]
 
     o, final, m = jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
-    return o, final, (q, k, v, g, s0, qe, ke, ad, cnt, path, m, final)
+    return o, final, (q, k, v, g, s0, qe, ke, eb, ad, cnt, path, m, final)
 
 
 def _prescaled_summaries(x, y, ad, cnt, plan: _Plan, *, reverse: bool = False,
@@ -374,23 +382,27 @@ def _prescaled_summaries(x, y, ad, cnt, plan: _Plan, *, reverse: bool = False,
                                               reverse=reverse, scale=scale)
 
 
-def _per_dim_prescale(q, k, g, plan: _Plan):
-    """qe, ke, ad, cnt of the padded q, k and g and the path (:func:`_per_dim_path`) the
-    attention takes on them. The same operations as the attention's forward on the same
-    arrays, so that where both are in one program XLA keeps one prescale kernel."""
-    qe, ke, ad, cnt = pallas_prescaled.prescale(_pad_keys(q, plan), _pad_keys(k, plan),
-                                                _pad_decay(g, plan), plan.chunk)
-    return qe, ke, ad, cnt, _per_dim_path(ad, cnt, plan.chunk)
+def _per_dim_prescale(q, k, g, plan: _Plan, for_backward: bool = True):
+    """qe, ke, eb, ad, cnt of the padded q, k and g and the path (:func:`_per_dim_path`) the
+    attention takes on them; eb (None without for_backward) is exp(b) for the backward. The
+    same operations as the attention's forward on the same arrays, so that where both are in
+    one program XLA keeps one prescale kernel: segment_summaries and state_gradient take the
+    default, as a differentiated attention's forward does (LASP-2 always takes the attention's
+    VJP)."""
+    qe, ke, eb, ad, cnt = pallas_prescaled.prescale(_pad_keys(q, plan), _pad_keys(k, plan),
+                                                    _pad_decay(g, plan), plan.chunk,
+                                                    with_eb=for_backward)
+    return qe, ke, eb, ad, cnt, _per_dim_path(ad, cnt, plan.chunk)
 
 
 def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     """:func:`_backward` for a per-dimension decay, on the path its forward took."""
-    q, k, v, g, s0, qe, ke, ad, cnt, path, m, final = res
+    q, k, v, g, s0, qe, ke, eb, ad, cnt, path, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     final = _pad_axis(_pad_axis(final, 2, plan.dk), 3, plan.dv)
 
     def prescaled(cnt):  # None: no reset in the call
-        _, _, vp, gp, s0p = _pad_operands(q, k, v, g, s0, plan)
+        _, _, vp, _, s0p = _pad_operands(q, k, v, g, s0, plan)
         dop = _pad_values(do.astype(q.dtype), plan)
         dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
@@ -399,7 +411,7 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
         else:
             dm = jnp.zeros_like(m)
         dq, dk, dv, dg, ds0 = pallas_prescaled.backward(
-            qe, ke, vp, dop, gp, ad, cnt, s0p, m, final, dstp, dm, a, chunk=plan.chunk,
+            qe, ke, vp, dop, eb, ad, cnt, s0p, m, final, dstp, dm, a, chunk=plan.chunk,
             scale=scale, block_sizes=plan.bwd, decay_grad=decay_grad)
         if dg is not None:
             dg = dg[:, :T, :, :Dk]
@@ -523,7 +535,7 @@ def segment_summaries(k, v, log_decay=None, *, q=None, chunk_size: int = 64,
     # As chunk_linear_attention casts them: k and v in q's dtype.
     q = jax.lax.stop_gradient(q)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    _, ke, ad, cnt, path = _per_dim_prescale(q, k, g, plan)
+    _, ke, _, ad, cnt, path = _per_dim_prescale(q, k, g, plan)
     zero = jnp.zeros((B, H, plan.dk, plan.dv), _f32)
 
     def prescaled(cnt):  # None: no reset in the call
@@ -573,8 +585,8 @@ def state_gradient(q, do, log_decay=None, *, k=None, scale: float, chunk_size: i
 
     if k is None or not _prescaled(plan):
         return exact(None)
-    qe, _, ad, cnt, path = _per_dim_prescale(q, jax.lax.stop_gradient(k).astype(q.dtype), g,
-                                             plan)
+    qe, _, _, ad, cnt, path = _per_dim_prescale(
+        q, jax.lax.stop_gradient(k).astype(q.dtype), g, plan)
 
     def prescaled(cnt):  # None: no reset in the call
         dm = _prescaled_summaries(qe, _pad_values(do, plan), ad, cnt, plan, reverse=True,

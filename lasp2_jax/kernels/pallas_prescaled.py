@@ -33,7 +33,13 @@ Backward, with dqe, dke, dkd the cotangents of the prescaled operands:
 
     dq = dqe * exp(b),        dk = (dke + ad * dkd) * exp(-b),
 
-and the log-decay gradient is the difference form of pallas_backward (dL/db_t = q_t dq_t -
+with exp(b) the prescale kernel's third output, eb, in the input dtype: the dq and dk kernels
+multiply and divide by it instead of reading the float32 log decays and taking their
+cumulative sum and exponential again in every chunk step. On an H100 at H=16 D=128 that took
+GLA's forward+backward from 1.415 to 1.338 ms at B=1 T=16K and from 5.095 to 4.833 at B=4
+(NOTES_kernels.md, v17).
+
+The log-decay gradient is the difference form of pallas_backward (dL/db_t = q_t dq_t -
 k_t dk_t), with q dq = qe dqe and k dk = ke dke + kd dkd. Both sides are formed from the very
 operands (rounded to the input dtype) that entered the matmuls, so the pair terms that cancel
 in the difference are equal numbers on both sides. By default (ANCHORED_DG) it is summed only
@@ -111,14 +117,17 @@ def _params(block_sizes):
 # The operands: one program per (batch, chunk, head), all in parallel.
 
 
-def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref, cnt_ref):
+def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, eb_ref, ad_ref, cnt_ref):
     g = g_ref[...]  # [C, Dk]
     reset = g < RESET_LOG_DECAY
     gf = without_resets(g)
     b = jnp.cumsum(gf, axis=0)
+    eb = jnp.exp(b)
     q, k = q_ref[...].astype(_f32), k_ref[...].astype(_f32)
-    qe_ref[...] = (q * jnp.exp(b)).astype(qe_ref.dtype)
+    qe_ref[...] = (q * eb).astype(qe_ref.dtype)
     ke_ref[...] = (k * jnp.exp(-b)).astype(ke_ref.dtype)
+    if eb_ref is not None:
+        eb_ref[...] = eb.astype(eb_ref.dtype)
     dims = jnp.sum(reset.astype(_f32), axis=1)  # [C]: the dimensions each token resets
     # A token that resets some dimensions but not all has no [C, C] document mask: ad = 0
     # sends the whole call to the exact kernels (all_chunks_safe).
@@ -127,37 +136,44 @@ def _prescale_kernel(q_ref, k_ref, g_ref, qe_ref, ke_ref, ad_ref, cnt_ref):
     cnt_ref[...] = jnp.cumsum(jnp.where(dims > 0.0, 1.0, 0.0))
 
 
-def chunk_decays(g, inverse: bool, resets: bool):
-    """exp(b) [C, Dk], or exp(-b) if inverse: b the chunk-local inclusive cumulative sum of the
-    log decays g [C, Dk], with the resets (pallas_scans.RESET_LOG_DECAY) left out where the
-    call has any, as :func:`prescale` takes it."""
-    if resets:
-        g = without_resets(g)
-    b = jnp.cumsum(g, axis=0)
-    return jnp.exp(-b if inverse else b)
+class Prescaled(NamedTuple):
+    """The operands of the prescaled kernels (module docstring): qe, ke and eb = exp(b)
+    [B, T, H, Dk] in the input dtype (eb, for the backward's dq and dk kernels, None where
+    :func:`prescale` was not asked for it), ad [B, H, T // chunk, Dk] float32 and the reset
+    counts cnt [B, H, T] float32."""
+
+    qe: jax.Array
+    ke: jax.Array
+    eb: jax.Array
+    ad: jax.Array
+    cnt: jax.Array
 
 
-def prescale(q, k, g, chunk: int):
-    """qe, ke [B, T, H, Dk] in q's dtype, ad [B, H, T // chunk, Dk] float32 and cnt [B, H, T]
-    float32 (module docstring), from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk]
-    float32, T a multiple of chunk. Where a chunk is not safe (:func:`all_chunks_safe`) the
-    values are meaningless."""
+def prescale(q, k, g, chunk: int, with_eb: bool = True) -> Prescaled:
+    """:class:`Prescaled` from q, k [B, T, H, Dk] and log decays g [B, T, H, Dk] float32, T a
+    multiple of chunk; eb only with_eb (a forward that will not be differentiated spares its
+    write, 0.04 ms of GLA's 0.48 at B=1 T=16K H=16 D=128 on an H100). Where a chunk is not
+    safe (:func:`all_chunks_safe`) the values are meaningless."""
     B, T, H, dk = q.shape
     n = T // chunk
     spec = pl.BlockSpec((None, chunk, None, dk), lambda b, i, h: (b, i, h, 0))
-    return pl.pallas_call(
-        _prescale_kernel,
+    n_eb = int(with_eb)
+    out = pl.pallas_call(
+        absent_refs(_prescale_kernel, 1 - n_eb, position=5),
         grid=(B, n, H),
         in_specs=[spec, spec, spec],
-        out_specs=[spec, spec,
-                   pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0)),
-                   pl.BlockSpec((None, None, chunk), lambda b, i, h: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2
+        out_specs=[spec] * (2 + n_eb)
+        + [pl.BlockSpec((None, None, None, dk), lambda b, i, h: (b, h, i, 0)),
+           pl.BlockSpec((None, None, chunk), lambda b, i, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * (2 + n_eb)
         + [jax.ShapeDtypeStruct((B, H, n, dk), _f32), jax.ShapeDtypeStruct((B, H, T), _f32)],
         compiler_params=compat.triton_compiler_params(num_warps=4, num_stages=1),
         interpret=compat.pallas_interpret(),
         name="lasp2_prescale",
     )(q, k, g)
+    if not n_eb:
+        out = (*out[:2], None, *out[2:])
+    return Prescaled(*out)
 
 
 def all_chunks_safe(ad):
@@ -364,23 +380,26 @@ def _masked_dp(do, v, same, scale: float, dtype):
     return jnp.where(same, scale * mm(do, v, tb=True), 0.0).astype(dtype)
 
 
-def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, cnt_ref, s0_ref, m_ref, a_ref,
+def _dq_kernel(qe_ref, ke_ref, v_ref, do_ref, eb_ref, ad_ref, cnt_ref, s0_ref, m_ref, a_ref,
                dq_ref, db_ref, states_ref, *, c: int, n_chunks: int, scale: float,
                split: frozenset, anchor: int):
     def body(ci, state):  # state: rows [bk] of the state entering chunk ci
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         ke, v, do, ad = ke_ref[sl, :], v_ref[sl, :], do_ref[sl, :], ad_ref[ci, :]
+        # Loaded at the step's start, as the matmuls' operands are: loaded where they are
+        # used, they made GLA's forward+backward 1% slower (NOTES_kernels.md v17).
+        eb = eb_ref[sl, :].astype(_f32)
+        qe = qe_ref[sl, :] if db_ref is not None else None
         resets = ChunkResets.load(cnt_ref, sl, c)
         dpl = _masked_dp(do, v, resets.same, scale, ke.dtype)
         inter = scale * mmx(do, lowp(state, do.dtype, "state", split), tb=True)
         dqe = mm(dpl, ke) + resets.before_first(inter)
-        dq_ref[sl, :] = (dqe * chunk_decays(g_ref[sl, :], False, cnt_ref is not None)).astype(
-            dq_ref.dtype)
+        dq_ref[sl, :] = (dqe * eb).astype(dq_ref.dtype)
         if db_ref is not None:
             # q dq = qe dqe. Its diagonal pair cancels against k dk's at the same token, in
             # float32 and at a size bounded by q . k (on this path no decay is strong enough to
             # make it dominate, as it can on the exact kernels, which leave it out)
-            db_ref[sl, :] = qe_ref[sl, :].astype(_f32) * dqe
+            db_ref[sl, :] = qe.astype(_f32) * dqe
         leaving = resets.state_decay(ad) * state + mm(resets.last_keys(ke, ad), v, ta=True)
         if states_ref is not None:  # anchored: the state leaving each group, for dk
 
@@ -415,7 +434,7 @@ def _anchored_sums_from_end(db_ref, dbq_ref, sl, k_dk, after, state, dh, group_e
     return after + total
 
 
-def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, cnt_ref, dst_ref, dm_ref, a_ref,
+def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, eb_ref, ad_ref, cnt_ref, dst_ref, dm_ref, a_ref,
                states_ref, dbq_ref, dk_ref, db_ref, *, c: int, n_chunks: int, scale: float,
                split: frozenset, anchor: int):
     """dk and, for the decay gradient, k dk (db_ref) or, anchored (states_ref given), the
@@ -428,16 +447,17 @@ def _dk_kernel(qe_ref, ke_ref, v_ref, do_ref, g_ref, ad_ref, cnt_ref, dst_ref, d
         ci = n_chunks - 1 - i
         sl = pl.ds(pl.multiple_of(ci * c, c), c)
         qe, v, do = qe_ref[sl, :], v_ref[sl, :], do_ref[sl, :]
+        einv = 1.0 / eb_ref[sl, :].astype(_f32)  # exp(-b); loaded early, as in dq
+        ke = ke_ref[sl, :] if db_ref is not None else None
         resets = ChunkResets.load(cnt_ref, sl, c)
         dpl = _masked_dp(do, v, resets.same, scale, qe.dtype)
         dke = mm(dpl, qe, ta=True)
         dkd = resets.after_last(mmx(v, lowp(dh, v.dtype, "state", split), tb=True))
         ad = ad_ref[ci, :]
         dke_total = dke + ad[None, :] * dkd  # the gradient of ke
-        dk = dke_total * chunk_decays(g_ref[sl, :], True, cnt_ref is not None)
+        dk = dke_total * einv
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         if db_ref is not None:
-            ke = ke_ref[sl, :]
             if states_ref is not None and pallas_forward.DG_DIRECT_PRODUCTS:  # anchored
                 k_dk = ke.astype(_f32) * dke_total  # kd = ke exp(b_C)
             else:  # k dk = ke dke + kd dkd (see dq for the diagonal pair)
@@ -478,15 +498,15 @@ def _dv_kernel(qe_ref, ke_ref, do_ref, ad_ref, cnt_ref, dst_ref, dm_ref, a_ref, 
         ds0_ref[...] = dh  # the cotangent of the initial state
 
 
-def backward(qe, ke, v, do, g, ad, cnt, s0, m, final, dst, dm, a, *, chunk: int,
+def backward(qe, ke, v, do, eb, ad, cnt, s0, m, final, dst, dm, a, *, chunk: int,
              scale: float, block_sizes, decay_grad: bool):
     """dq, dk, dv [B, T, H, *] (input dtype), the log-decay gradient dg [B, T, H, Dk] float32
     (None without decay_grad) and the initial-state cotangent [B, H, Dk, Dv] float32.
 
-    qe, ke, ad, cnt: :func:`prescale` (cnt None where the call has no reset); g [B, T, H, Dk]
-    the log decays; s0, m, final the initial
-    state, forward summaries and final state [B, H, Dk, Dv]; dst, dm the final-state cotangent
-    and backward summaries; a the segment decays. block_sizes: pallas_backward.BlockSizes.
+    qe, ke, eb, ad, cnt: :func:`prescale` (cnt None where the call has no reset); s0, m, final:
+    the initial state, forward summaries and final state [B, H, Dk, Dv]; dst, dm: the
+    final-state cotangent and backward summaries; a: the segment decays. block_sizes:
+    pallas_backward.BlockSizes.
     """
     B, T, H, dk = qe.shape
     dv = v.shape[-1]
@@ -538,7 +558,7 @@ def backward(qe, ke, v, do, g, ad, cnt, s0, m, final, dst, dm, a, *, chunk: int,
             out_shape=outs + [shape for _, shape in extra_out],
             compiler_params=_params(block_sizes), interpret=interpret,
             name=name + _docs_suffix(cnt),
-        )(qe, ke, v, do, g, ad, *counts, state, summaries, a, *[x for _, x in extra_in])
+        )(qe, ke, v, do, eb, ad, *counts, state, summaries, a, *[x for _, x in extra_in])
 
     dq, *dbq = call(_dq_kernel, "lasp2_prescaled_bwd_dq", s0, m, 10, 3,
                     extra_out=[(states_spec, states)] * anchored)
