@@ -250,6 +250,12 @@ def test_prescale_matches_numpy_and_flags_unsafe_chunks():
                 kd = pallas_prescaled.decayed_keys(ke[0, n * C:(n + 1) * C, h], ad[0, h, n])
                 assert _rel(kd, kd_want[0, n, :, h]) < 1e-5
         assert bool(pallas_prescaled.all_chunks_safe(ad))
+        # an undifferentiated forward's call: the same operands without exp(b)
+        bare = pallas_prescaled.prescale(jnp.asarray(q), jnp.asarray(k), jnp.asarray(gr), C,
+                                         with_eb=False)
+        assert bare.eb is None
+        for got, want in ((bare.qe, qe), (bare.ke, ke), (bare.ad, ad), (bare.cnt, cnt)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     for t, d, value in ((T // 2, 3, -np.inf), (5, 3, -41.0)):
         unsafe = g.copy()
         unsafe[:, t, :, d] = value

@@ -144,7 +144,7 @@ class Prescaled(NamedTuple):
 
     qe: jax.Array
     ke: jax.Array
-    eb: jax.Array
+    eb: jax.Array | None
     ad: jax.Array
     cnt: jax.Array
 
