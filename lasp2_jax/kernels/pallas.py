@@ -182,10 +182,15 @@ def _pad_values(x, plan: _Plan):
     return _pad_axis(_pad_axis(x, 1, plan.t_pad), 3, plan.dv)
 
 
+def _pad_state(s, plan: _Plan):
+    """A state or its cotangent [B, H, Dk, Dv] padded with zeros to the plan's Dk and Dv."""
+    return _pad_axis(_pad_axis(s, 2, plan.dk), 3, plan.dv)
+
+
 def _pad_operands(q, k, v, g, s0, plan: _Plan):
     """q, k, v, g and s0 padded to the plan's T, Dk and Dv (zeros: no effect on the rest)."""
-    s0 = _pad_axis(_pad_axis(s0, 2, plan.dk), 3, plan.dv)
-    return _pad_keys(q, plan), _pad_keys(k, plan), _pad_values(v, plan), _pad_decay(g, plan), s0
+    return (_pad_keys(q, plan), _pad_keys(k, plan), _pad_values(v, plan), _pad_decay(g, plan),
+            _pad_state(s0, plan))
 
 
 def _prepare(q, k, v, g, s0, plan: _Plan):
@@ -282,7 +287,7 @@ def _backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool):
     q, k, v, bf, cnt, fast, a, s0, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
     do = _pad_values(do.astype(q.dtype), plan)
-    dst = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
+    dst = _pad_state(dst.astype(_f32), plan)
     if plan.segments > 1:
         dm = _backward_summaries(q, do, bf, cnt, fast, plan, scale, decay_grad)
     else:
@@ -332,6 +337,13 @@ def _per_dim_path(ad, cnt, chunk: int):
                      jnp.where(resets, PRESCALED_RESETS, PRESCALED), EXACT).astype(jnp.int32)
 
 
+def _on_path(path, cnt, exact, prescaled):
+    """exact(cnt) or prescaled(counts) on the path of :func:`_per_dim_path`, with counts None
+    on PRESCALED (no reset in the call: kernels without the document masks) and cnt on
+    PRESCALED_RESETS."""
+    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+
+
 def _prescaled(plan: _Plan) -> bool:
     return plan.mode == PER_DIM and PRESCALED_PER_DIM
 
@@ -342,7 +354,7 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
     prescaled operands (exp(b) among them only for_backward), the path taken (_per_dim_path),
     the summaries and the final state."""
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
-    _, _, vp, _, s0p = _pad_operands(q, k, v, g, s0, plan)
+    vp, s0p = _pad_values(v, plan), _pad_state(s0, plan)
     qe, ke, eb, ad, cnt, path = _per_dim_prescale(q, k, g, plan, for_backward)
 
     def prescaled(cnt):  # None: no reset in the call
@@ -368,7 +380,7 @@ def _per_dim_forward(q, k, v, g, s0, m_given, scale: float, plan: _Plan, decay_g
         o, final, res = _forward(q, k, v, g, s0, m_given, scale, plan, decay_grad)
         return o, final, res[8]
 
-    o, final, m = jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+    o, final, m = _on_path(path, cnt, exact, prescaled)
     return o, final, (q, k, v, g, s0, qe, ke, eb, ad, cnt, path, m, final)
 
 
@@ -399,12 +411,12 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
     """:func:`_backward` for a per-dimension decay, on the path its forward took."""
     q, k, v, g, s0, qe, ke, eb, ad, cnt, path, m, final = res
     T, Dk, Dv = plan.t, plan.dk_in, plan.dv_in
-    final = _pad_axis(_pad_axis(final, 2, plan.dk), 3, plan.dv)
+    final = _pad_state(final, plan)
 
     def prescaled(cnt):  # None: no reset in the call
-        _, _, vp, _, s0p = _pad_operands(q, k, v, g, s0, plan)
+        vp, s0p = _pad_values(v, plan), _pad_state(s0, plan)
         dop = _pad_values(do.astype(q.dtype), plan)
-        dstp = _pad_axis(_pad_axis(dst.astype(_f32), 2, plan.dk), 3, plan.dv)
+        dstp = _pad_state(dst.astype(_f32), plan)
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         if plan.segments > 1:
             dm = _prescaled_summaries(qe, dop, ad, cnt, plan, reverse=True, scale=scale)
@@ -423,7 +435,7 @@ def _per_dim_backward(res, do, dst, scale: float, plan: _Plan, decay_grad: bool)
         return _backward((qp, kp, vp, bf, cnt, fast, a, s0p, m, final), do, dst, scale, plan,
                          decay_grad)
 
-    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+    return _on_path(path, cnt, exact, prescaled)
 
 
 def _chunk_attention_bwd(scale, plan, residuals, cts):
@@ -546,7 +558,7 @@ def segment_summaries(k, v, log_decay=None, *, q=None, chunk_size: int = 64,
     def exact(_):
         return _summaries_and_fold(k, v, g, config, decay_grad, chunk_size)
 
-    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+    return _on_path(path, cnt, exact, prescaled)
 
 
 def state_gradient(q, do, log_decay=None, *, k=None, scale: float, chunk_size: int = 64,
@@ -594,7 +606,7 @@ def state_gradient(q, do, log_decay=None, *, k=None, scale: float, chunk_size: i
         a = pallas_prescaled.segment_decays(ad, cnt, plan.segments)
         return pallas_forward.fold_summaries(zero, a, dm, reverse=True)[:, :, :Dk, :Dv]
 
-    return jax.lax.switch(path, [exact, lambda _: prescaled(None), prescaled], cnt)
+    return _on_path(path, cnt, exact, prescaled)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

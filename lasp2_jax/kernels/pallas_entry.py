@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from lasp2_jax import compat
 from lasp2_jax.kernels import pallas_prescaled, pallas_scans
-from lasp2_jax.kernels.pallas_forward import absent_refs, mm
+from lasp2_jax.kernels.pallas_forward import absent_refs, mm, pow2_divisor
 
 _f32 = jnp.float32
 
@@ -96,9 +96,7 @@ def add_state_term(o_zero, x, s, *, scale: float, chunk: int, rows=None, cols=No
     dv = o_zero.shape[-1]
     bv = min(block_v, dv)
     n = T // chunk
-    g = 1  # chunks per program: a power of two that divides n
-    while 2 * g <= chunks_per_program and n % (2 * g) == 0:
-        g *= 2
+    g = pow2_divisor(n, chunks_per_program)  # chunks per program
     span = g * chunk
     rows_of_x = pl.BlockSpec((None, span, None, dk), lambda bh, i, j: (bh // H, i, bh % H, 0))
     vcol = pl.BlockSpec((None, span, None, bv), lambda bh, i, j: (bh // H, i, bh % H, j))

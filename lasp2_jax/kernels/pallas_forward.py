@@ -163,6 +163,14 @@ def pow2(n: int, minimum: int = 16) -> int:
     return p
 
 
+def pow2_divisor(n: int, at_most: int) -> int:
+    """The largest power of two that divides n and is at most at_most (1 at least)."""
+    p = 1
+    while 2 * p <= at_most and n % (2 * p) == 0:
+        p *= 2
+    return p
+
+
 def causal_mask(c: int):
     i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     j = lax.broadcasted_iota(jnp.int32, (c, c), 1)

@@ -103,10 +103,7 @@ def anchor_group(n_chunks: int) -> int:
     """Chunks per group of the anchored decay gradient for segments of n_chunks: the largest
     power of two that divides n_chunks, at most pallas_forward.DG_ANCHOR_CHUNKS: a segment's
     last chunk, where the dk kernel starts, must end a group."""
-    group = 1
-    while group * 2 <= pallas_forward.DG_ANCHOR_CHUNKS and n_chunks % (group * 2) == 0:
-        group *= 2
-    return group
+    return pallas_forward.pow2_divisor(n_chunks, pallas_forward.DG_ANCHOR_CHUNKS)
 
 
 def _params(block_sizes):
